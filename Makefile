@@ -1,0 +1,34 @@
+# Each target is self-contained: it creates (or reuses) .venv, installs the pinned stack, and runs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow test-all clean
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+install: $(STAMP)
+
+## The main job: the end-to-end demo (see README).
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) -m dediffusion_jax.demo --workdir workdirs/demo
+
+## The default test run (< 20 min on 2 cores): everything but tests marked slow.
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## Tests marked slow (run by .ci/run after `make test`).
+test-slow: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "slow" $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no slow tests selected"; exit 0; fi; exit $$rc
+
+test-all: test test-slow
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache

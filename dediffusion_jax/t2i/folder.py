@@ -1,0 +1,325 @@
+"""Diffusers-format checkpoint folders <-> the project's Flax decoder.
+
+Why: researchers hold Stable Diffusion-class models as diffusers folders (model_index.json, one
+subfolder per component with config.json + *.safetensors). This module reads such a folder into Flax
+params with the explicit name/transposition rules of `convert.py`, checked against each module's
+abstract shapes, and writes params back in the same format so that diffusers' PyTorch classes load
+them. Only safetensors are read: pickle-based weights (.bin/.ckpt/.pt) are refused, because loading a
+pickle runs arbitrary code.
+
+Layout read (and written):
+    model_index.json
+    text_encoder/{config.json, model.safetensors}
+    tokenizer/{vocab.json, merges.txt, ...}
+    unet/{config.json, diffusion_pytorch_model.safetensors}
+    vae/{config.json, diffusion_pytorch_model.safetensors}      (absent for pixel-space decoders)
+    scheduler/scheduler_config.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from dediffusion_jax.t2i import clip_text, convert, schedules, unet, vae
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "scheduler")
+
+
+class DecoderFolderError(ValueError):
+    """A decoder folder is missing, incomplete, or holds something we refuse to load."""
+
+
+@dataclasses.dataclass(eq=False)  # hashed by identity: a static argument of jitted samplers
+class Decoder:
+    """A frozen text-to-image decoder: configs, modules, params, tokenizer and noise schedule."""
+
+    path: Path | None
+    text_config: clip_text.CLIPTextConfig
+    unet_config: unet.UNetConfig
+    vae_config: vae.VAEConfig | None
+    schedule: schedules.NoiseSchedule
+    tokenizer: Any  # transformers.CLIPTokenizer(Fast)
+    params: dict[str, Any]  # {"text_encoder": ..., "unet": ..., "vae"?: ...}
+    dtype: Any = jnp.float32  # compute dtype of the modules
+
+    @property
+    def text_encoder(self) -> clip_text.CLIPTextModel:
+        return clip_text.CLIPTextModel(config=self.text_config, dtype=self.dtype)
+
+    @property
+    def unet(self) -> unet.UNet2DConditionModel:
+        return unet.UNet2DConditionModel(config=self.unet_config, dtype=self.dtype)
+
+    @property
+    def vae(self) -> vae.AutoencoderKL | None:
+        if self.vae_config is None:
+            return None
+        return vae.AutoencoderKL(config=self.vae_config, dtype=self.dtype)
+
+    @property
+    def is_latent(self) -> bool:
+        return self.vae_config is not None
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae_config is None:
+            return 1
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the decoder draws (latent size x VAE scale for latent decoders)."""
+        return int(self.unet_config.sample_size) * self.vae_scale_factor
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape (H, W, C) of the diffusion variable x_t (pixels or VAE latents), NHWC."""
+        s = int(self.unet_config.sample_size)
+        return (s, s, int(self.unet_config.in_channels))
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """A hash of the weights: checkpoints record it so a resumed run refuses another decoder."""
+        digest = hashlib.sha256()
+        for name in sorted(self.params):
+            for key, value in sorted(convert.flax_to_torch(self.params[name]).items()):
+                digest.update(f"{name}/{key}".encode())
+                digest.update(np.ascontiguousarray(value, dtype=np.float32).tobytes())
+        return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DecoderFolderError(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DecoderFolderError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise DecoderFolderError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _weight_files(component_dir: Path) -> list[Path]:
+    """The safetensors files of one component (one file, or the shards an index names)."""
+    index_files = sorted(component_dir.glob("*.safetensors.index.json"))
+    if index_files:
+        index = _read_json(index_files[0])
+        names = sorted(set(index.get("weight_map", {}).values()))
+        files = [component_dir / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DecoderFolderError(f"{index_files[0]} names missing shards: {missing}")
+        return files
+    singles = [
+        p
+        for name in ("diffusion_pytorch_model.safetensors", "model.safetensors")
+        if (p := component_dir / name).is_file()
+    ]
+    if not singles:
+        singles = sorted(component_dir.glob("*.safetensors"))[:1]
+    if singles:
+        return singles[:1]
+    pickles = sorted(p.name for p in component_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise DecoderFolderError(
+            f"{component_dir} holds only pickle weights ({', '.join(pickles)}); this project loads "
+            "safetensors only, since unpickling runs arbitrary code. Convert once, in an environment "
+            "you trust, with diffusers/transformers in PyTorch, e.g.\n"
+            "  python -c \"from diffusers import UNet2DConditionModel as M; "
+            f"M.from_pretrained('{component_dir}').save_pretrained('{component_dir}', "
+            "safe_serialization=True)\"\n"
+            "(use transformers.CLIPTextModel for text_encoder/, diffusers.AutoencoderKL for vae/)."
+        )
+    raise DecoderFolderError(f"no *.safetensors weights in {component_dir}")
+
+
+def _read_weights(component_dir: Path) -> dict[str, np.ndarray]:
+    state: dict[str, np.ndarray] = {}
+    for f in _weight_files(component_dir):
+        try:
+            state.update(safetensors.numpy.load_file(str(f)))
+        except Exception as e:  # safetensors raises several types for corrupt headers
+            raise DecoderFolderError(f"cannot read {f}: {e}") from e
+    return state
+
+
+def abstract_params(module: Any, inputs: tuple) -> Any:
+    """Param shapes of `module` without allocating them."""
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+    return shapes["params"]
+
+
+def _load_component(component_dir: Path, module: Any, inputs: tuple, **kw: Any) -> Any:
+    state = _read_weights(component_dir)
+    params = convert.torch_to_flax(
+        state, abstract_params(module, inputs), source=str(component_dir), **kw
+    )
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def _config_from(cls: Any, path: Path) -> Any:
+    try:
+        return cls.from_dict(_read_json(path))
+    except DecoderFolderError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise DecoderFolderError(f"{path}: {e}") from e
+
+
+def load_tokenizer(tokenizer_dir: Path, context_length: int | None = None) -> Any:
+    """A CLIP tokenizer from local vocab.json + merges.txt (never from the network)."""
+    from transformers import CLIPTokenizer
+
+    for name in ("vocab.json", "merges.txt"):
+        if not (tokenizer_dir / name).is_file():
+            raise DecoderFolderError(f"missing file: {tokenizer_dir / name}")
+    kwargs = {"local_files_only": True}
+    if context_length is not None:
+        kwargs["model_max_length"] = context_length
+    try:
+        return CLIPTokenizer.from_pretrained(str(tokenizer_dir), **kwargs)
+    except Exception as e:
+        raise DecoderFolderError(f"cannot load the tokenizer in {tokenizer_dir}: {e}") from e
+
+
+def load_decoder(path: str | Path, *, dtype: Any = jnp.float32, load_vae: bool = True) -> Decoder:
+    """Loads a diffusers-format text-to-image folder into Flax.
+
+    Args:
+      path: the folder (e.g. a downloaded stable-diffusion-2-base, or the miniature world's decoder).
+      dtype: compute dtype of the modules (params stay float32).
+      load_vae: skip the VAE's weights when only the text encoder and UNet are needed.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DecoderFolderError(f"decoder folder does not exist: {root}")
+    if not root.is_dir():
+        raise DecoderFolderError(f"decoder path is not a folder: {root}")
+    for component in REQUIRED_COMPONENTS:
+        if not (root / component).is_dir():
+            raise DecoderFolderError(
+                f"{root} is not a complete diffusers folder: subfolder '{component}/' is missing "
+                f"(expected {', '.join(REQUIRED_COMPONENTS)} and, for latent decoders, vae)"
+            )
+
+    text_config = _config_from(clip_text.CLIPTextConfig, root / "text_encoder" / "config.json")
+    unet_config = _config_from(unet.UNetConfig, root / "unet" / "config.json")
+    vae_config = None
+    if (root / "vae").is_dir():
+        vae_config = _config_from(vae.VAEConfig, root / "vae" / "config.json")
+    elif unet_config.in_channels != 3:
+        raise DecoderFolderError(
+            f"{root}: unet in_channels={unet_config.in_channels} needs a latent VAE, but 'vae/' is "
+            "missing (only 3-channel pixel-space UNets run without one)"
+        )
+    schedule = _config_from(schedules.NoiseSchedule, root / "scheduler" / "scheduler_config.json")
+    tokenizer = load_tokenizer(root / "tokenizer", text_config.max_position_embeddings)
+
+    params: dict[str, Any] = {
+        "text_encoder": _load_component(
+            root / "text_encoder",
+            clip_text.CLIPTextModel(config=text_config),
+            clip_text.dummy_inputs(text_config),
+            ignore=clip_text.TORCH_IGNORE,
+        ),
+        "unet": _load_component(
+            root / "unet",
+            unet.UNet2DConditionModel(config=unet_config),
+            unet.dummy_inputs(unet_config),
+            ignore=unet.TORCH_IGNORE,
+        ),
+    }
+    if vae_config is not None and load_vae:
+        params["vae"] = _load_component(
+            root / "vae",
+            vae.AutoencoderKL(config=vae_config),
+            vae.dummy_inputs(vae_config),
+            ignore=vae.TORCH_IGNORE,
+            aliases=vae.TORCH_ALIASES,
+        )
+    return Decoder(root, text_config, unet_config, vae_config, schedule, tokenizer, params, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_component(directory: Path, config: dict, params: Any, weights_name: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tensors = {
+        k: np.ascontiguousarray(v, dtype=np.float32) for k, v in convert.flax_to_torch(params).items()
+    }
+    safetensors.numpy.save_file(tensors, str(directory / weights_name), metadata={"format": "pt"})
+
+
+def save_decoder(decoder: Decoder, path: str | Path) -> Path:
+    """Writes `decoder` as a diffusers-format folder that diffusers/transformers (PyTorch) load."""
+    import diffusers
+
+    root = Path(path).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    latent = decoder.vae_config is not None
+    index = {
+        "_class_name": "StableDiffusionPipeline" if latent else "DeDiffusionPixelDecoder",
+        "_diffusers_version": diffusers.__version__,
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    if latent:
+        index.update(
+            vae=["diffusers", "AutoencoderKL"],
+            safety_checker=[None, None],
+            feature_extractor=[None, None],
+            requires_safety_checker=False,
+        )
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_component(
+        root / "text_encoder",
+        decoder.text_config.to_dict(),
+        decoder.params["text_encoder"],
+        "model.safetensors",
+    )
+    _write_component(
+        root / "unet",
+        decoder.unet_config.to_dict(),
+        decoder.params["unet"],
+        "diffusion_pytorch_model.safetensors",
+    )
+    if latent:
+        if "vae" not in decoder.params:
+            raise DecoderFolderError("cannot save a latent decoder loaded with load_vae=False")
+        _write_component(
+            root / "vae",
+            decoder.vae_config.to_dict(),
+            decoder.params["vae"],
+            "diffusion_pytorch_model.safetensors",
+        )
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(decoder.schedule.to_dict(), indent=2) + "\n"
+    )
+    decoder.tokenizer.save_pretrained(str(root / "tokenizer"))
+    return root
