@@ -56,7 +56,8 @@ def activation(name: str):
     raise ValueError(f"hidden_act={name!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
 
 
-def _check_act(key: str, value: Any) -> str:
+def check_activation(key: str, value: Any) -> str:
+    """Validates a config.json activation name; the error names the key and the value."""
     if value not in SUPPORTED_ACTIVATIONS:
         raise ValueError(
             f"config key {key!r} has unsupported value {value!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
@@ -81,7 +82,7 @@ class CLIPTextConfig:
     pad_token_id: int = 1
 
     def __post_init__(self):
-        _check_act("hidden_act", self.hidden_act)
+        check_activation("hidden_act", self.hidden_act)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
@@ -95,7 +96,7 @@ class CLIPTextConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
         if "hidden_act" in kwargs:
-            _check_act("hidden_act", kwargs["hidden_act"])
+            check_activation("hidden_act", kwargs["hidden_act"])
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,8 +158,8 @@ class CLIPMLP(nn.Module):
         return nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=init, name="fc2")(x)
 
 
-def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
-    # Exact two-pass variance, as torch computes it (parity at 1e-5 on small models).
+def layer_norm(eps: float, dtype: Dtype, name: str | None) -> nn.LayerNorm:
+    """LayerNorm as torch computes it (exact two-pass variance, for parity at 1e-5 on small models)."""
     return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
@@ -174,9 +175,9 @@ class CLIPEncoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        h = _layer_norm(self.layer_norm_eps, self.dtype, "layer_norm1")(x)
+        h = layer_norm(self.layer_norm_eps, self.dtype, "layer_norm1")(x)
         x = x + CLIPAttention(self.hidden_size, self.num_heads, self.dtype, name="self_attn")(h, mask)
-        h = _layer_norm(self.layer_norm_eps, self.dtype, "layer_norm2")(x)
+        h = layer_norm(self.layer_norm_eps, self.dtype, "layer_norm2")(x)
         return x + CLIPMLP(self.hidden_size, self.intermediate_size, self.hidden_act, self.dtype, name="mlp")(h)
 
 
@@ -276,7 +277,7 @@ class CLIPTextTransformer(nn.Module):
             self.remat,
             self.dtype,
         )
-        self.final_layer_norm = _layer_norm(c.layer_norm_eps, self.dtype, None)
+        self.final_layer_norm = layer_norm(c.layer_norm_eps, self.dtype, None)
 
     def __call__(
         self,
