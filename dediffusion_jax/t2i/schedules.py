@@ -27,22 +27,6 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
-# diffusers.DDIMScheduler's defaults: a config.json missing a key means the same here as there.
-_DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-    "prediction_type": "epsilon",
-    "steps_offset": 0,
-    "set_alpha_to_one": True,
-    "clip_sample": True,
-    "clip_sample_range": 1.0,
-    "timestep_spacing": "leading",
-    "rescale_betas_zero_snr": False,
-}
-
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -72,7 +56,8 @@ class NoiseSchedule:
         """Reads a diffusers scheduler_config.json; other keys are ignored, bad values raise."""
         if config_json.get("thresholding", False):
             raise ValueError("scheduler config key 'thresholding': True is not supported")
-        v = {k: config_json.get(k, d) for k, d in _DEFAULTS.items()}
+        # Field defaults are DDIMScheduler's: a missing key means the same here as there.
+        v = {f.name: config_json.get(f.name, f.default) for f in dataclasses.fields(cls)}
         for key, allowed in (
             ("prediction_type", PREDICTION_TYPES),
             ("timestep_spacing", TIMESTEP_SPACINGS),

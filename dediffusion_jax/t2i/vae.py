@@ -29,7 +29,7 @@ import numpy as np
 
 SUPPORTED_DOWN_BLOCKS = ("DownEncoderBlock2D",)
 SUPPORTED_UP_BLOCKS = ("UpDecoderBlock2D",)
-SUPPORTED_ACTIVATIONS = ("silu", "swish")
+SUPPORTED_ACTIVATIONS = ("silu", "swish")  # the same function; the port hard-codes nn.silu
 
 # Older diffusers checkpoints (before the attention refactor) named the VAE mid-block attention
 # `query/key/value/proj_attn`; diffusers itself renames them on load (`_fix_state_dict_keys_on_load`).
@@ -41,27 +41,6 @@ TORCH_ALIASES: dict[str, str] = {
 }
 # The VAE has no non-persistent buffers in its state dict; nothing to drop.
 TORCH_IGNORE: tuple[str, ...] = ()
-
-_CONFIG_DEFAULTS: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",),
-    "up_block_types": ("UpDecoderBlock2D",),
-    "block_out_channels": (64,),
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 32,
-    "scaling_factor": 0.18215,
-    "shift_factor": None,
-    "latents_mean": None,
-    "latents_std": None,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
-    "mid_block_add_attention": True,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
@@ -98,7 +77,7 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, config_json: Mapping[str, Any]) -> VAEConfig:
         """Reads a diffusers AutoencoderKL config.json; unknown keys are ignored, bad values raise."""
-        values = {k: config_json.get(k, v) for k, v in _CONFIG_DEFAULTS.items()}
+        values = {f.name: config_json.get(f.name, f.default) for f in dataclasses.fields(cls)}
         for key in ("down_block_types", "up_block_types", "block_out_channels"):
             values[key] = tuple(values[key])
         for key in ("latents_mean", "latents_std"):
@@ -148,11 +127,6 @@ class VAEConfig:
             value = getattr(self, field.name)
             out[field.name] = list(value) if isinstance(value, tuple) else value
         return out
-
-
-def _act(config: VAEConfig):
-    del config  # silu == swish is the only supported activation (checked in from_dict)
-    return nn.silu
 
 
 class ResnetBlock2D(nn.Module):
@@ -315,7 +289,7 @@ class Encoder(nn.Module):
                                    name=f"down_blocks_{i}")(x)
         x = MidBlock(chans[-1], groups, cfg.mid_block_add_attention, dtype=self.dtype,
                      name="mid_block")(x)
-        x = _act(cfg)(_norm_out(groups, self.dtype)(x))
+        x = nn.silu(_norm_out(groups, self.dtype)(x))
         return _conv3(2 * cfg.latent_channels, self.dtype, "conv_out")(x)
 
 
@@ -337,7 +311,7 @@ class Decoder(nn.Module):
             x = UpDecoderBlock2D(in_ch, out_ch, cfg.layers_per_block + 1, groups,
                                  add_upsample=i < len(rev) - 1, dtype=self.dtype,
                                  name=f"up_blocks_{i}")(x)
-        x = _act(cfg)(_norm_out(groups, self.dtype)(x))
+        x = nn.silu(_norm_out(groups, self.dtype)(x))
         return _conv3(cfg.out_channels, self.dtype, "conv_out")(x)
 
 
@@ -440,7 +414,9 @@ def images_from_latents(
     )
 
 
-_LEGACY_ATTN = re.compile(r"attentions\.\d+\.(query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.weight$")
+_LEGACY_ATTN = re.compile(
+    r"attentions\.\d+\.(query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.weight$"
+)
 
 
 def squeeze_legacy_attention(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
