@@ -8,6 +8,7 @@ compared (torch is NCHW, ours NHWC). Models are shared per config through module
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -50,7 +51,15 @@ PIXEL = dict(
     block_out_channels=[32, 64, 128], layers_per_block=1, norm_num_groups=8,
     cross_attention_dim=64, attention_head_dim=4,
 )
-CONFIGS = {"sd1": SD1, "sd2": SD2, "pixel": PIXEL}
+# (d) no mid block, attention only in the lower-resolution block.
+NO_MID = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], mid_block_type=None,
+    block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
+    cross_attention_dim=8, attention_head_dim=2,
+)
+CONFIGS = {"sd1": SD1, "sd2": SD2, "pixel": PIXEL, "no_mid": NO_MID}
 TEXT_LEN = 7
 
 
@@ -183,7 +192,7 @@ def test_num_attention_heads_quirk():
     ],
 )
 def test_unsupported_config_names_the_key(override, key):
-    with pytest.raises(ValueError, match="unet config: unsupported " + key.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=re.escape("unet config: unsupported " + key)):
         UNetConfig.from_dict(dict(SD1, **override))
 
 
@@ -231,3 +240,16 @@ def test_bfloat16_compute_stays_close(cases):
     print(f"sd1 bf16: max abs err {err:.2e} (output max {scale:.2f})")
     assert np.all(np.isfinite(out))
     assert err <= 0.05 * scale
+
+
+
+@pytest.mark.parity
+def test_scalar_timestep_broadcasts_over_the_batch(cases):
+    """A scalar t means the same t for every example, as in diffusers."""
+    case = _case(cases, "sd1")
+    sample, _, text = case.inputs
+    with torch.no_grad():
+        ref = case.torch_model(torch.from_numpy(sample.transpose(0, 3, 1, 2)), 700,
+                               torch.from_numpy(text)).sample.numpy().transpose(0, 2, 3, 1)
+    out = _apply(case.config, case.params, sample, jnp.asarray(700), text)
+    assert np.abs(out - ref).max() <= 1e-4

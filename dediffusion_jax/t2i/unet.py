@@ -169,8 +169,11 @@ class UNetConfig:
     @property
     def heads_per_block(self) -> tuple[int, ...]:
         """Number of attention heads of each down block (diffusers' num_attention_heads quirk)."""
-        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        return _per_block("attention_head_dim", heads, len(self.down_block_types))
+        return _per_block("attention_head_dim", self._heads, len(self.down_block_types))
+
+    @property
+    def _heads(self) -> int | tuple[int, ...]:
+        return self.attention_head_dim if self.num_attention_heads is None else self.num_attention_heads
 
     @property
     def time_embed_dim(self) -> int:
@@ -219,8 +222,7 @@ class UNetConfig:
         out: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
         for f in dataclasses.fields(self):
             out[f.name] = _as_config_value(getattr(self, f.name))
-        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        out["attention_head_dim"] = _as_config_value(heads)
+        out["attention_head_dim"] = _as_config_value(self._heads)
         out["num_attention_heads"] = None
         out.update(
             act_fn="silu", only_cross_attention=False, dual_cross_attention=False,
