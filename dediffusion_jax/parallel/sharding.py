@@ -107,8 +107,9 @@ def fsdp_largest(axis: str | tuple[str, ...] = "fsdp", min_size: int = 0) -> Spe
 
 # Default table for the trainable encoder (ViT backbone, attentional pooler, vocabulary head).
 # Names cover Flax's own layers (MultiHeadDotProductAttention query/key/value/out as DenseGeneral
-# [D, H, Dh] / [H, Dh, D]; big_vision MlpBlock Dense_0/Dense_1) and torch-style ports
-# (q_proj/k_proj/v_proj/out_proj [D, H*Dh]; mlp fc1/fc2). Anything else with a kernel/embedding
+# [D, H, Dh] / [H, Dh, D], as in models/pooler.py; big_vision MlpBlock Dense_0/Dense_1; the pooler's
+# mlp_fc1/mlp_fc2) and the CLIP-named ViT (q_proj/k_proj/v_proj/out_proj [D, H*Dh]; mlp/fc1, fc2);
+# the vocabulary head is any module whose name contains "vocab" (e.g. VocabularyHead_0/dense). Anything else with a kernel/embedding
 # gets FSDP over its largest dim; small params (biases, norms, pooler queries) are replicated.
 ENCODER_RULES: tuple[tuple[str, Spec], ...] = (
     (r"(?i).*/(query|key|value)/kernel", Logical("embed", "heads", "kv")),
@@ -117,9 +118,9 @@ ENCODER_RULES: tuple[tuple[str, Spec], ...] = (
     (r"(?i).*/(q_proj|k_proj|v_proj|to_q|to_k|to_v)/kernel", Logical("embed", "heads")),
     (r"(?i).*/(q_proj|k_proj|v_proj|to_q|to_k|to_v)/bias", Logical("heads")),
     (r"(?i).*/(out_proj|to_out(_0)?)/kernel", Logical("heads", "embed")),
-    (r"(?i).*mlp[^/]*/(dense_0|fc1|wi|c_fc)/kernel", Logical("embed", "mlp")),
-    (r"(?i).*mlp[^/]*/(dense_0|fc1|wi|c_fc)/bias", Logical("mlp")),
-    (r"(?i).*mlp[^/]*/(dense_1|fc2|wo|c_proj)/kernel", Logical("mlp", "embed")),
+    (r"(?i).*mlp.*(dense_0|fc1|wi|c_fc)/kernel", Logical("embed", "mlp")),
+    (r"(?i).*mlp.*(dense_0|fc1|wi|c_fc)/bias", Logical("mlp")),
+    (r"(?i).*mlp.*(dense_1|fc2|wo|c_proj)/kernel", Logical("mlp", "embed")),
     (r"(?i).*(vocab|logits).*/kernel", Logical("embed", "vocab")),
     (r"(?i).*(vocab|logits).*/bias", Logical("vocab")),
     (r"(?i).*(kernel|embedding)", fsdp_largest("fsdp")),
