@@ -76,7 +76,7 @@ def test_decoupled_weight_decay_is_lr_times_wd_on_kernels_only(name):
     tx = opt_lib.make_optimizer(config)
     state = tx.init(PARAMS)
     grads = jax.tree.map(jnp.zeros_like, PARAMS)
-    updates, _ = tx.update(grads, state, PARAMS)
+    updates, _ = jax.jit(tx.update)(grads, state, PARAMS)
     mask = opt_lib.weight_decay_mask(PARAMS)
     for upd, decayed in zip(jax.tree.leaves(updates), jax.tree.leaves(mask)):
         expected = -3e-4 * 0.01 if decayed else 0.0

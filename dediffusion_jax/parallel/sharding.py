@@ -109,8 +109,9 @@ def fsdp_largest(axis: str | tuple[str, ...] = "fsdp", min_size: int = 0) -> Spe
 # Names cover Flax's own layers (MultiHeadDotProductAttention query/key/value/out as DenseGeneral
 # [D, H, Dh] / [H, Dh, D], as in models/pooler.py; big_vision MlpBlock Dense_0/Dense_1; the pooler's
 # mlp_fc1/mlp_fc2) and the CLIP-named ViT (q_proj/k_proj/v_proj/out_proj [D, H*Dh]; mlp/fc1, fc2);
-# the vocabulary head is any module whose name contains "vocab" (e.g. VocabularyHead_0/dense). Anything else with a kernel/embedding
-# gets FSDP over its largest dim; small params (biases, norms, pooler queries) are replicated.
+# the vocabulary head is any module whose name contains "vocab" (e.g. VocabularyHead_0/dense).
+# Anything else with a kernel/embedding gets FSDP over its largest dim; the rest (biases, norms,
+# pooler queries) is replicated.
 ENCODER_RULES: tuple[tuple[str, Spec], ...] = (
     (r"(?i).*/(query|key|value)/kernel", Logical("embed", "heads", "kv")),
     (r"(?i).*/(query|key|value)/bias", Logical("heads", "kv")),
