@@ -161,3 +161,18 @@ def test_tfds_dataset_with_captions_through_the_pipeline(tmp_path):
         for rid, caps in zip(batch["id"], batch["captions"]):
             idx = int(str(rid).rsplit("=", 1)[1])
             assert split_captions(caps)[0] == f"picture {idx} caption 0"
+
+
+def test_grain_orbax_checkpoint_handler_saves_and_restores_the_iterator(clean, tmp_path):
+    import grain
+    from etils import epath
+
+    ds = make_dataset(clean, global_batch_size=4, seed=5, process_index=0, process_count=1,
+                      preprocess_fn=SMALL)
+    it = iter(ds)
+    next(it)
+    handler = grain.checkpoint.CheckpointHandler()  # what orbax uses for grain iterators
+    handler.save(epath.Path(tmp_path), item=it)
+    want = list(next(it)["id"])
+    restored = handler.restore(epath.Path(tmp_path), item=iter(ds))
+    assert list(next(restored)["id"]) == want

@@ -112,3 +112,21 @@ def test_preprocessor_keeps_id_captions_label():
     assert join_captions([]) == "" and split_captions("") == []
     with pytest.raises(CorruptExampleError):
         Preprocessor()({"id": "no image"}, None)
+
+
+def test_jpeg_draft_decoding_keeps_the_needed_resolution():
+    yy, xx = np.mgrid[0:480, 0:640]
+    arr = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    data = encode(Image.fromarray(arr).resize((640, 480)), "JPEG")
+    assert decode_image(data).size == (640, 480)
+    drafted = decode_image(data, min_side=100)
+    assert drafted.size == (160, 120)  # 1/4 scale: the largest reduction with both sides >= 100
+    rec = {"id": "big", "image": data}
+    fast = Preprocessor(PreprocessConfig(backbone_size=32, decoder_size=48))(rec)
+    full = Preprocessor(PreprocessConfig(backbone_size=32, decoder_size=48, jpeg_draft=False))(rec)
+    assert np.abs(fast["decoder"] - full["decoder"]).mean() < 0.05
+
+
+def test_webp_decodes():
+    out = decode_image(encode(Image.new("RGB", (7, 5), (0, 128, 255)), "WEBP"))
+    assert out.size == (7, 5)
