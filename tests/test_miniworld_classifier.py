@@ -1,0 +1,75 @@
+"""The committed attribute classifier and the metrics built on it."""
+
+import numpy as np
+import pytest
+
+from dediffusion_jax.miniworld import classifier as C
+from dediffusion_jax.miniworld import metrics as M
+from dediffusion_jax.miniworld import scenes as S
+
+
+@pytest.fixture(scope="module")
+def committed():
+    params, config = C.load_classifier()
+    return params, config
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    idx = S.sample_indices(np.random.default_rng(123), 256, "heldout")
+    return S.images_of(idx), [S.scene_from_index(int(i)) for i in idx]
+
+
+def test_committed_classifier_reads_every_attribute_of_heldout_scenes(committed, heldout):
+    params, config = committed
+    assert 0.7e6 < C.num_params(params) < 0.9e6
+    acc = M.score_images(params, *heldout, config=config)
+    assert set(acc) == set(M.ATTRIBUTES)
+    for k, v in acc.items():
+        assert v >= 0.98, (k, acc)
+
+
+def test_metrics_drop_on_shuffled_pairs(committed, heldout):
+    params, config = committed
+    images, scenes = heldout
+    perm = np.random.default_rng(0).permutation(len(scenes))
+    acc = M.score_images(params, images[perm], scenes, config=config)
+    assert acc["exact_scene"] < 0.2 and acc["object"] < 0.5 and acc["background"] < 0.5
+    assert acc["occupancy"] < 0.8
+
+
+def test_attribute_accuracy_definitions():
+    truth = S.labels_of(np.array([S.scene_to_index(S.Scene("white", (S.SceneObject("red", "circle", 0, 0),)))]))
+    pred = {k: v.copy() for k, v in truth.items()}
+    assert all(v == 1.0 for v in M.attribute_accuracy(pred, truth).values())
+    pred["occupied"][0, 3] = True  # an extra object in an empty cell: occupancy and exact scene only
+    acc = M.attribute_accuracy(pred, truth)
+    assert acc["occupancy"] == 0.75 and acc["exact_scene"] == 0.0
+    assert acc["colour"] == acc["shape"] == acc["object"] == acc["background"] == 1.0
+    pred = {k: v.copy() for k, v in truth.items()}
+    pred["shape"][0, 0] = 2
+    acc = M.attribute_accuracy(pred, truth)
+    assert acc["shape"] == 0.0 and acc["object"] == 0.0 and acc["colour"] == 1.0 and acc["occupancy"] == 1.0
+
+
+def test_features_and_frechet_distance(committed):
+    params, config = committed
+    rng = np.random.default_rng(0)
+    a = S.images_of(S.sample_indices(rng, 256, "heldout"))
+    b = S.images_of(S.sample_indices(rng, 256, "heldout"))
+    assert C.features(params, a, config).shape == (256, config.feature_dim)
+    same = M.world_fid(params, a, b, config)
+    noisy = M.world_fid(params, a, np.clip(b + 0.5 * rng.standard_normal(b.shape), -1, 1).astype(np.float32), config)
+    assert same < noisy
+    x = rng.standard_normal((500, 8))
+    assert abs(M.frechet_distance(x, x)) < 1e-6
+    assert M.frechet_distance(x, x + 1.0) == pytest.approx(8.0, rel=1e-6)
+
+
+def test_save_load_round_trip(tmp_path, committed):
+    params, config = committed
+    C.save_classifier(params, tmp_path, config)
+    p2, c2 = C.load_classifier(tmp_path)
+    assert c2 == config
+    x = S.images_of(np.arange(8))
+    np.testing.assert_array_equal(C.features(params, x, config), C.features(p2, x, config))
