@@ -253,3 +253,46 @@ def test_memory_report():
     assert custom["residual_MB_per_example"] <= plain["residual_MB_per_example"]
     assert fused["residual_MB_per_example"] < 0.01 * one_hot_mb
     assert fused["temp_MB_per_example"] < 0.2 * plain["temp_MB_per_example"]
+
+
+def test_hard_tokens_through_the_frozen_clip_text_encoder_equal_its_run_on_the_argmax_ids(tokenizer):
+    """PAPER.md: the hard-token forward equals the text encoder on the argmax ids, and the encoder's
+    gradient is non-zero through (soft @ E), for both the soft_tokens and the token_embeds inputs."""
+    clip_text = pytest.importorskip("dediffusion_jax.t2i.clip_text")
+    mask = q.vocabulary_exclusion_mask(tokenizer)
+    vocab, context, num = len(tokenizer), 12, 6
+    config = clip_text.CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=context,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)
+    text_model = clip_text.CLIPTextModel(config)
+    text_params = text_model.init(jax.random.key(0), jnp.zeros((1, context), jnp.int32))
+    E = clip_text.token_embedding_matrix(text_params)
+    layout = dict(bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                  context_length=context)
+    head = q.VocabularyHead(vocab, q.excluded_ids(mask))
+    features = jax.random.normal(jax.random.key(1), (2, num, 16))
+    head_params = head.init(jax.random.key(2), features)
+    rng = jax.random.key(3)
+
+    def states_soft(p):
+        probs = q.gumbel_softmax(head.apply(p, features), rng, 0.5, hard=True)
+        out = text_model.apply(text_params, soft_tokens=q.assemble_soft_tokens(probs, **layout))
+        return out.last_hidden_state, probs
+
+    def states_embeds(p):
+        embeds = q.soft_token_embeddings(head.apply(p, features), rng, 0.5, True, E)
+        out = text_model.apply(text_params, token_embeds=q.assemble_token_embeddings(embeds, E, **layout),
+                               eos_positions=jnp.full((2,), num + 1))
+        return out.last_hidden_state
+
+    soft_states, probs = states_soft(head_params)
+    ids = q.assemble_ids(probs.argmax(-1), **layout)
+    on_ids = text_model.apply(text_params, ids).last_hidden_state
+    np.testing.assert_allclose(soft_states, on_ids, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(states_embeds(head_params), on_ids, rtol=1e-5, atol=1e-5)
+    g_soft = jax.grad(lambda p: jnp.sum(states_soft(p)[0] ** 2))(head_params)
+    g_embeds = jax.grad(lambda p: jnp.sum(states_embeds(p) ** 2))(head_params)
+    kernel = np.asarray(g_soft["params"]["dense"]["kernel"])
+    assert np.abs(kernel).sum() > 0 and np.all(kernel[:, mask] == 0)
+    np.testing.assert_allclose(g_embeds["params"]["dense"]["kernel"], kernel, rtol=1e-4, atol=1e-6)
