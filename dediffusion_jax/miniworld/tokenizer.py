@@ -14,6 +14,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from dediffusion_jax.miniworld.captions import WORLD_WORDS
 
 CONTEXT_LENGTH = 16
@@ -121,10 +123,8 @@ def load_tokenizer(path: str | Path | None = None, fast: bool = False):
     )
 
 
-def encode(tokenizer, texts: list[str]) -> "np.ndarray":  # noqa: F821
+def encode(tokenizer, texts: list[str]) -> np.ndarray:
     """Ids [B, 16], <|startoftext|> first, <|endoftext|> after the text and as padding."""
-    import numpy as np
-
     enc = tokenizer(texts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True)
     return np.asarray(enc["input_ids"], np.int32)
 
