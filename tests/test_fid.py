@@ -130,6 +130,7 @@ def test_compute_stats_runs_an_extractor_over_batches():
     assert isinstance(extractor, fid.FeatureExtractor)
     rng = np.random.default_rng(7)
     images = rng.integers(0, 256, size=(10, 8, 8, 3), dtype=np.uint8)
-    stats = fid.compute_stats(extractor, (images[i : i + 4] for i in range(0, 10, 4)), progress=False)
+    batches = (images[i : i + 4] for i in range(0, 10, 4))  # 4 + 4 + 2 images
+    stats = fid.compute_stats(extractor, batches, progress=False)
     assert (stats.n, stats.dim, stats.name) == (10, 6, "mean_colour")
     np.testing.assert_allclose(stats.mean(), extractor(images).mean(0), rtol=1e-6)

@@ -301,9 +301,12 @@ def test_float32_features_match_the_torch_reference(extractor, images_u8, refere
     np.testing.assert_allclose(extractor(images_u8[1:]), got[1:], atol=1e-5)
 
 
-def test_extractor_protocol_and_input_checks(extractor):
+def test_extractor_protocol_and_input_checks(extractor, images_u8):
     assert isinstance(extractor, fid.FeatureExtractor)
     assert (extractor.name, extractor.input_size) == ("inception_v3_fid_pool3", 299)
+    # How evaluation uses it: stream image batches into float64 statistics.
+    stats = fid.compute_stats(extractor, [images_u8, images_u8[:1]], progress=False)
+    assert (stats.n, stats.dim, stats.name) == (3, 2048, "inception_v3_fid_pool3")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         extractor(np.full((1, 32, 32, 3), -0.5, np.float32))
     with pytest.raises(ValueError, match="NHWC"):

@@ -38,8 +38,9 @@ class FeatureExtractor(Protocol):
     """What `compute_stats` needs from a feature network.
 
     `__call__` takes an NHWC image batch, uint8 in [0, 255] or float in [0, 1], of any spatial size
-    (the extractor resizes to its own `input_size`), and returns `[B, F]` features. `name` identifies
-    the network (and its weights) so statistics from different networks are never compared.
+    (the extractor resizes to its own `input_size`), and returns `[B, F]` features. `name`
+    identifies the network (and its weights) so statistics from different networks are never
+    compared.
     """
 
     name: str
@@ -187,7 +188,9 @@ class FeatureStats:
             raise StatsFileError(f"{path}: not a FeatureStats file, keys {keys}{hint}")
         version = int(contents["version"])
         if version != STATS_VERSION:
-            raise StatsFileError(f"{path}: FeatureStats version {version}, expected {STATS_VERSION}")
+            raise StatsFileError(
+                f"{path}: FeatureStats version {version}, expected {STATS_VERSION}"
+            )
         try:
             n = int(contents["n"])
             total = np.asarray(contents["sum"], np.float64)

@@ -287,7 +287,9 @@ def preprocess(images: jax.Array, size: int = FID_INPUT_SIZE) -> jax.Array:
     return 2.0 * x - 1.0
 
 
-def inception_features(variables: Mapping, images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+def inception_features(
+    variables: Mapping, images: jax.Array, dtype: Any = jnp.float32
+) -> jax.Array:
     """Pool3 features [B, 2048] (float32) of raw images, as pytorch-fid computes them. Jittable."""
     return InceptionV3FID(dtype=dtype).apply(variables, preprocess(images))
 
@@ -348,7 +350,8 @@ def _check_not_pickle(path: str | os.PathLike) -> None:
     # safetensors: 8-byte little-endian header length, then the JSON header '{'.
     if len(head) == 9 and head[8:9] == b"{":
         return
-    kind = "a torch pickle / zip checkpoint" if head[:2] in (b"PK", b"\x80\x02") else "not safetensors"
+    is_torch = head[:2] in (b"PK", b"\x80\x02")
+    kind = "a torch pickle / zip checkpoint" if is_torch else "not safetensors"
     raise ValueError(
         f"{path} is {kind}. load_inception only reads safetensors (pickles can run code); "
         "convert the pytorch-fid checkpoint once with\n  python -m "
@@ -362,8 +365,8 @@ class InceptionFeatureExtractor:
 
     Accepts NHWC uint8 [0, 255] or float [0, 1] images of any size (resized to 299 like pytorch-fid)
     and returns float32 numpy [B, 2048]. Float images outside [0, 1] raise: the usual mistake is
-    passing [-1, 1] decoder output, which silently gives a wrong FID. Smaller batches are zero-padded
-    to the largest batch size seen so the last batch of an epoch does not recompile.
+    passing [-1, 1] decoder output, which silently gives a wrong FID. Smaller batches are
+    zero-padded to the largest batch size seen so the last batch of an epoch does not recompile.
     """
 
     name: str = EXTRACTOR_NAME
