@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +170,12 @@ def abstract_params(module: Any, inputs: tuple) -> Any:
     return shapes["params"]
 
 
-def _load_component(component_dir: Path, module: Any, inputs: tuple, **kw: Any) -> Any:
+def _load_component(
+    component_dir: Path, module: Any, inputs: tuple, prepare: Any = None, **kw: Any
+) -> Any:
     state = _read_weights(component_dir)
+    if prepare is not None:
+        state = prepare(state)
     params = convert.torch_to_flax(
         state, abstract_params(module, inputs), source=str(component_dir), **kw
     )
@@ -187,12 +192,15 @@ def _config_from(cls: Any, path: Path) -> Any:
 
 
 def load_tokenizer(tokenizer_dir: Path, context_length: int | None = None) -> Any:
-    """A CLIP tokenizer from local vocab.json + merges.txt (never from the network)."""
+    """A CLIP tokenizer from local files (vocab.json + merges.txt, or tokenizer.json); no network."""
     from transformers import CLIPTokenizer
 
-    for name in ("vocab.json", "merges.txt"):
-        if not (tokenizer_dir / name).is_file():
-            raise DecoderFolderError(f"missing file: {tokenizer_dir / name}")
+    has_bpe = all((tokenizer_dir / n).is_file() for n in ("vocab.json", "merges.txt"))
+    if not has_bpe and not (tokenizer_dir / "tokenizer.json").is_file():
+        raise DecoderFolderError(
+            f"missing file: {tokenizer_dir / 'vocab.json'} (a CLIP tokenizer needs vocab.json + "
+            "merges.txt, or tokenizer.json)"
+        )
     kwargs = {"local_files_only": True}
     if context_length is not None:
         kwargs["model_max_length"] = context_length
@@ -200,6 +208,20 @@ def load_tokenizer(tokenizer_dir: Path, context_length: int | None = None) -> An
         return CLIPTokenizer.from_pretrained(str(tokenizer_dir), **kwargs)
     except Exception as e:
         raise DecoderFolderError(f"cannot load the tokenizer in {tokenizer_dir}: {e}") from e
+
+
+def save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """Writes tokenizer files that both transformers 4.x (vocab.json + merges.txt) and 5.x read.
+
+    transformers 5 saves only tokenizer.json, which older diffusers stacks cannot read, so the BPE
+    files the tokenizer was loaded from are copied beside it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(directory))
+    source = Path(getattr(tokenizer, "name_or_path", "") or "")
+    for name in ("vocab.json", "merges.txt"):
+        if (source / name).is_file() and source.resolve() != directory.resolve():
+            shutil.copyfile(source / name, directory / name)
 
 
 def load_decoder(path: str | Path, *, dtype: Any = jnp.float32, load_vae: bool = True) -> Decoder:
@@ -241,6 +263,7 @@ def load_decoder(path: str | Path, *, dtype: Any = jnp.float32, load_vae: bool =
             clip_text.CLIPTextModel(config=text_config),
             clip_text.dummy_inputs(text_config),
             ignore=clip_text.TORCH_IGNORE,
+            aliases=clip_text.TORCH_ALIASES,
         ),
         "unet": _load_component(
             root / "unet",
@@ -254,6 +277,7 @@ def load_decoder(path: str | Path, *, dtype: Any = jnp.float32, load_vae: bool =
             root / "vae",
             vae.AutoencoderKL(config=vae_config),
             vae.dummy_inputs(vae_config),
+            prepare=vae.squeeze_legacy_attention,
             ignore=vae.TORCH_IGNORE,
             aliases=vae.TORCH_ALIASES,
         )
@@ -266,6 +290,12 @@ def load_decoder(path: str | Path, *, dtype: Any = jnp.float32, load_vae: bool =
 
 def _write_component(directory: Path, config: dict, params: Any, weights_name: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    # A shard index left by an earlier sharded checkpoint would take precedence over the single
+    # file written here (for our reader and for diffusers/transformers): remove it and its shards.
+    for index in directory.glob("*.safetensors.index.json"):
+        for shard in directory.glob("*-of-*.safetensors"):
+            shard.unlink()
+        index.unlink()
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = {
         k: np.ascontiguousarray(v, dtype=np.float32) for k, v in convert.flax_to_torch(params).items()
@@ -321,5 +351,5 @@ def save_decoder(decoder: Decoder, path: str | Path) -> Path:
     (root / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(decoder.schedule.to_dict(), indent=2) + "\n"
     )
-    decoder.tokenizer.save_pretrained(str(root / "tokenizer"))
+    save_tokenizer(decoder.tokenizer, root / "tokenizer")
     return root

@@ -8,6 +8,7 @@ write them, so the same dict builds a torch reference model and our Flax model.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,76 @@ def random_decoder(
     return Decoder(
         None, text_config, unet_config, vae_config, schedule, tokenizer, params, jnp.float32
     )
+
+
+def write_reference_folder(
+    family: str,
+    path: str | Path,
+    tokenizer_dir: str | Path,
+    *,
+    seed: int = 0,
+    perturb: float = 0.05,
+    context_length: int = 16,
+) -> dict[str, Any]:
+    """Builds a tiny family with the reference PyTorch classes and saves it as a diffusers folder.
+
+    Why: the independent fixture for folder/pipeline parity. Each component is written by its own
+    `save_pretrained(safe_serialization=True)` (transformers/diffusers, never our writer) plus a
+    model_index.json as `StableDiffusionPipeline.save_pretrained` writes it. Every parameter is
+    perturbed by `perturb * N(0, 1)`: diffusers zero-inits some convolutions, which would hide
+    mapping bugs in whatever follows them. Needs torch, transformers and diffusers.
+
+    Returns the torch components {"text_encoder", "unet", "vae" (None for pixel decoders),
+    "scheduler", "tokenizer"} in eval mode.
+    """
+    import diffusers
+    import torch
+    import transformers
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(
+        str(tokenizer_dir), model_max_length=context_length, local_files_only=True
+    )
+    cfg = family_configs(family, tokenizer)
+    torch.manual_seed(seed)
+
+    def _perturbed(model: Any) -> Any:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(perturb * torch.randn_like(p))
+        return model.eval()
+
+    models: dict[str, Any] = {
+        "text_encoder": _perturbed(
+            transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg["text"]))
+        ),
+        "unet": _perturbed(diffusers.UNet2DConditionModel(**cfg["unet"])),
+        "vae": _perturbed(diffusers.AutoencoderKL(**cfg["vae"])) if cfg["vae"] else None,
+        "scheduler": diffusers.DDIMScheduler(**cfg["scheduler"]),
+        "tokenizer": tokenizer,
+    }
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionPipeline" if cfg["vae"] else "DeDiffusionPixelDecoder",
+        "_diffusers_version": diffusers.__version__,
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    for name, model in models.items():
+        if model is None:
+            continue
+        if name in ("text_encoder", "unet", "vae"):
+            model.save_pretrained(str(root / name), safe_serialization=True)
+        else:
+            model.save_pretrained(str(root / name))
+    if cfg["vae"]:
+        index.update(
+            vae=["diffusers", "AutoencoderKL"],
+            safety_checker=[None, None],
+            feature_extractor=[None, None],
+            requires_safety_checker=False,
+        )
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return models
