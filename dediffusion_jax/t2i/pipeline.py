@@ -37,7 +37,7 @@ def tokenize(decoder: Decoder, prompts: Sequence[str]) -> np.ndarray:
 def text_states(decoder: Decoder, params: Any, input_ids: jax.Array) -> jax.Array:
     """The text encoder's last hidden states [B, L, D]: what the UNet cross-attends to."""
     out = decoder.text_encoder.apply({"params": params["text_encoder"]}, input_ids=input_ids)
-    return out["last_hidden_state"]
+    return out.last_hidden_state
 
 
 def initial_noise(decoder: Decoder, seed: int, indices: np.ndarray) -> jax.Array:
@@ -70,31 +70,73 @@ def sample_from_states(
     With `uncond_states` and guidance_scale != 1, the conditional and unconditional predictions
     come from one batched UNet call and are combined as uncond + w * (cond - uncond), as Stable
     Diffusion does. Differentiable and jittable; `generate` is the convenient entry point.
+
+    With eta != 0, `rng` is one key (the variance noise of the whole batch, as
+    `schedules.ddim_sample` draws it) or a batch of keys [B], one per example (step i's noise
+    of example b is `normal(fold_in(rng[b], i))`, so it does not depend on the batch's makeup).
     """
     unet = decoder.unet
-    guided = uncond_states is not None and guidance_scale != 1.0
+    variables = {"params": params["unet"]}
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        t = jnp.broadcast_to(t, (x.shape[0],))
-        if not guided:
-            return unet.apply({"params": params["unet"]}, x, t, cond_states)
-        both = unet.apply(
-            {"params": params["unet"]},
-            jnp.concatenate([x, x]),
-            jnp.concatenate([t, t]),
-            jnp.concatenate([cond_states, uncond_states]),
-        )
-        cond, uncond = jnp.split(both, 2)
-        return uncond + guidance_scale * (cond - uncond)
+        return unet.apply(variables, x, t, cond_states)
 
-    x0 = schedules.ddim_sample(
-        model_fn, x_T, decoder.schedule, num_steps, eta=eta, rng=rng
-    )
+    if uncond_states is not None and guidance_scale != 1.0:
+        both_states = jnp.concatenate([uncond_states, cond_states])  # diffusers' order
+        model_fn = schedules.guided_model_fn(
+            lambda x2, t2: unet.apply(variables, x2, t2, both_states), guidance_scale
+        )
+
+    if _is_key_batch(rng) and not (isinstance(eta, (int, float)) and eta == 0):
+        x0 = _ddim_per_example_noise(model_fn, x_T, decoder.schedule, num_steps, eta, rng)
+    else:
+        x0 = schedules.ddim_sample(model_fn, x_T, decoder.schedule, num_steps, eta=eta, rng=rng)
     if decoder.is_latent:
         from dediffusion_jax.t2i import vae as vae_lib
 
         return vae_lib.images_from_latents(params["vae"], decoder.vae_config, x0)
     return x0
+
+
+def _is_key_batch(rng: jax.Array | None) -> bool:
+    """[B] typed keys, or [B, 2] raw uint32 keys (a single legacy PRNGKey is [2])."""
+    if rng is None:
+        return False
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    return rng.ndim == (1 if typed else 2)
+
+
+def _ddim_per_example_noise(
+    model_fn: Any,
+    x_T: jax.Array,
+    schedule: schedules.NoiseSchedule,
+    num_steps: int,
+    eta: float | jax.Array,
+    keys: jax.Array,
+) -> jax.Array:
+    """`schedules.ddim_sample` with the variance noise drawn per example from `keys` [B]."""
+    ts = jnp.asarray(schedules.ddim_timesteps(schedule, num_steps), jnp.int32)
+    prev = jnp.asarray(schedules.ddim_prev_timesteps(schedule, num_steps), jnp.int32)
+    batch = x_T.shape[0]
+
+    def body(i: jax.Array, x: jax.Array) -> jax.Array:
+        t = jnp.full((batch,), ts[i], jnp.int32)
+        out = model_fn(x, t)
+        noise = jax.vmap(
+            lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype)
+        )(keys)
+        x, _ = schedules.ddim_step(
+            schedule, out, t, jnp.full((batch,), prev[i], jnp.int32), x, eta, noise
+        )
+        return x
+
+    return jax.lax.fori_loop(0, num_steps, body, x_T)
+
+
+def variance_keys(seed: int, indices: np.ndarray) -> jax.Array:
+    """Per-example keys of the DDIM variance noise (eta > 0), disjoint from `initial_noise`'s."""
+    base = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0x5EED))[1]
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
 
 
 @functools.partial(jax.jit, static_argnames=("decoder", "num_steps", "guidance_scale", "eta"))
@@ -135,6 +177,11 @@ def generate(
     that axis; a short last batch is padded and the padding dropped).
     """
     prompts = list(prompts)
+    if not prompts:  # (the tokenizer fails on an empty list)
+        side = decoder.image_size
+        vae_config = decoder.vae_config
+        channels = vae_config.out_channels if vae_config else decoder.unet_config.out_channels
+        return np.zeros((0, side, side, int(channels)), np.uint8)
     ids = tokenize(decoder, prompts)
     guided = guidance_scale != 1.0
     empty = tokenize(decoder, [""])[0]
@@ -156,13 +203,13 @@ def generate(
         batch_ids = ids[np.minimum(index, len(prompts) - 1)]
         x_T = initial_noise(decoder, seed, index)
         uncond = np.broadcast_to(empty, batch_ids.shape) if guided else None
-        rng = jax.random.fold_in(jax.random.key(seed), 2**31 - 1 - start)
+        rng = variance_keys(seed, index)
         if sharding is not None:
-            batch_ids, x_T = jax.device_put((batch_ids, x_T), sharding)
+            batch_ids, x_T, rng = jax.device_put((batch_ids, x_T, rng), sharding)
             uncond = None if uncond is None else jax.device_put(np.asarray(uncond), sharding)
         out = _sample_ids(
             decoder, params, batch_ids, uncond, x_T, rng,
             num_steps=num_steps, guidance_scale=float(guidance_scale), eta=float(eta),
         )
         images.append(to_uint8(out)[:n])
-    return np.concatenate(images) if images else np.zeros((0, *decoder.sample_shape), np.uint8)
+    return np.concatenate(images)
