@@ -258,7 +258,7 @@ def ddim_step(
     b_t, b_prev = 1 - a_t, 1 - a_prev
     variance = (b_prev / b_t) * (1 - a_t / a_prev)
     std = eta * variance**0.5
-    x_prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+    x_prev = a_prev**0.5 * x0 + jnp.maximum(1 - a_prev - std**2, 0.0) ** 0.5 * eps  # >= 0: rounding at eta=1
     if noise is not None:
         x_prev = x_prev + std * noise.astype(jnp.float32)
     return x_prev.astype(dtype), x0.astype(dtype)

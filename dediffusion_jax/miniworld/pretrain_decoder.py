@@ -1,0 +1,307 @@
+"""Pre-trains the miniature world's text-to-image decoder and exports it as a diffusers folder.
+
+The decoder is the same architecture family as Stable Diffusion (CLIP text transformer + a
+UNet2DConditionModel, here in pixel space with v-prediction as the paper's decoder), trained from
+scratch on (scene, caption) pairs of the world's TRAIN split with the caption mix of
+`captions.training_caption` (10% empty for classifier-free guidance). It runs for a long time on a
+CPU, so it is built to be stopped and resumed: orbax checkpoints every `--checkpoint-minutes`, an
+exact resume (the data of step n is a function of (seed, n)), and SIGTERM/SIGINT save before exit.
+
+    python -m dediffusion_jax.miniworld.pretrain_decoder --workdir workdirs/decoder --steps 12000
+    python -m dediffusion_jax.miniworld.pretrain_decoder --workdir workdirs/decoder --export DIR
+
+The exported folder is loaded by `t2i.folder.load_decoder` exactly like a real Stable Diffusion folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dediffusion_jax.miniworld import captions, scenes
+from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+from dediffusion_jax.t2i import clip_text, schedules, unet
+from dediffusion_jax.t2i.folder import Decoder, save_decoder
+
+TEXT_CONFIG = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+UNET_CONFIG = {
+    "sample_size": scenes.IMAGE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [32, 64, 128],
+    "layers_per_block": 1,
+    # Cross-attention to the words at every resolution (16, 8, 4) and in the mid block: the
+    # calibration found that binding colour/shape to position needs text at every level.
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3,
+    "up_block_types": ["CrossAttnUpBlock2D"] * 3,
+    "attention_head_dim": 4,  # diffusers' name; it is the number of heads
+    "use_linear_projection": True,
+    "cross_attention_dim": 128,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "act_fn": "silu",
+}
+SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "timestep_spacing": "trailing",
+}
+
+
+def build_configs(tokenizer: Any) -> tuple[Any, Any, Any]:
+    text = clip_text.CLIPTextConfig.from_dict(
+        {
+            **TEXT_CONFIG,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": int(tokenizer.model_max_length),
+            "bos_token_id": int(tokenizer.bos_token_id),
+            "eos_token_id": int(tokenizer.eos_token_id),
+            "pad_token_id": int(tokenizer.pad_token_id),
+        }
+    )
+    return text, unet.UNetConfig.from_dict(UNET_CONFIG), schedules.NoiseSchedule.from_dict(SCHEDULER_CONFIG)
+
+
+def batch_for_step(seed: int, step: int, batch: int, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Images [B,16,16,3] and caption ids [B,L] of one step: a pure function of (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    images, batch_scenes = scenes.sample_batch(rng, batch, "train")
+    texts = [captions.training_caption(s, rng) for s in batch_scenes]
+    return images, world_tokenizer.encode(tokenizer, texts)
+
+
+def lr_schedule(peak: float, end: float, warmup: int, total: int) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end)
+
+
+class Trainer:
+    """Holds the modules, the jitted step and the state of one pre-training run."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.tokenizer = world_tokenizer.load_tokenizer()
+        self.text_config, self.unet_config, self.schedule = build_configs(self.tokenizer)
+        self.text_model = clip_text.CLIPTextModel(config=self.text_config)
+        self.unet_model = unet.UNet2DConditionModel(config=self.unet_config)
+        self.optimizer = optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adam(lr_schedule(args.lr, args.lr_end, args.warmup, args.steps)),
+        )
+        self._step = jax.jit(self._train_step, donate_argnums=(0,))
+
+    def init_state(self) -> dict[str, Any]:
+        k_text, k_unet = jax.random.split(jax.random.key(self.args.seed))
+        params = {
+            "text_encoder": self.text_model.init(k_text, *clip_text.dummy_inputs(self.text_config))["params"],
+            "unet": self.unet_model.init(k_unet, *unet.dummy_inputs(self.unet_config))["params"],
+        }
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "ema": jax.tree_util.tree_map(jnp.copy, params),
+            "opt_state": self.optimizer.init(params),
+        }
+
+    def loss_fn(self, params: Any, images: jax.Array, ids: jax.Array, rng: jax.Array) -> jax.Array:
+        k_t, k_noise = jax.random.split(rng)
+        b = images.shape[0]
+        t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
+        noise = jax.random.normal(k_noise, images.shape)
+        x_t = schedules.add_noise(self.schedule, images, noise, t)
+        states = self.text_model.apply({"params": params["text_encoder"]}, input_ids=ids).last_hidden_state
+        pred = self.unet_model.apply({"params": params["unet"]}, x_t, t, states)
+        target = schedules.training_target(self.schedule, images, noise, t)
+        return jnp.mean(jnp.square(pred - target))
+
+    def _train_step(self, state: dict, images: jax.Array, ids: jax.Array) -> tuple[dict, dict]:
+        rng = jax.random.fold_in(jax.random.key(self.args.seed + 1), state["step"])
+        loss, grads = jax.value_and_grad(self.loss_fn)(state["params"], images, ids, rng)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        n = state["step"].astype(jnp.float32)
+        decay = jnp.minimum(0.999, (1.0 + n) / (10.0 + n))
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+        new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    def step(self, state: dict) -> tuple[dict, dict]:
+        images, ids = batch_for_step(self.args.seed, int(state["step"]), self.args.batch, self.tokenizer)
+        return self._step(state, jnp.asarray(images), jnp.asarray(ids))
+
+    def decoder(self, params: Any) -> Decoder:
+        """The decoder with `params`; one object for the run, so sampling compiles once."""
+        if not hasattr(self, "_decoder"):
+            self._decoder = Decoder(
+                None, self.text_config, self.unet_config, None, self.schedule, self.tokenizer, {}
+            )
+        self._decoder.params = {"text_encoder": params["text_encoder"], "unet": params["unet"]}
+        return self._decoder
+
+
+def _checkpoint_manager(workdir: Path):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        workdir.resolve() / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+    )
+
+
+def _restore(manager, template: dict) -> dict | None:
+    import orbax.checkpoint as ocp
+
+    latest = manager.latest_step()
+    if latest is None:
+        return None
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    return manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+
+
+def _save(manager, state: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(int(state["step"]), args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+
+
+def evaluate_gate(trainer: Trainer, params: Any, num_scenes: int = 128, guidance: float = 3.0) -> dict:
+    """The calibration's quality gate: held-out scenes drawn from their FULL captions, classified."""
+    from dediffusion_jax.miniworld import classifier, metrics
+    from dediffusion_jax.t2i import pipeline
+
+    idx = scenes.split_indices("heldout")[:num_scenes]
+    texts = [captions.full_caption(scenes.scene_from_index(int(i))) for i in idx]
+    images = pipeline.generate(
+        trainer.decoder(params), texts, num_steps=25, guidance_scale=guidance, seed=1234, batch_size=64
+    )
+    as_float = images.astype(np.float32) / 127.5 - 1.0
+    clf_params, clf_config = classifier.load_classifier()
+    return metrics.score_images(clf_params, as_float, idx, clf_config)
+
+
+def export(trainer: Trainer, params: Any, out: Path, info: dict) -> None:
+    save_decoder(trainer.decoder(params), out)
+    (out / "TRAINING.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    print(f"exported decoder to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--steps", type=int, default=12000, help="total steps (sets the lr decay)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-end", type=float, default=2e-5)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=2000, help="gate evaluation period (0 = never)")
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    p.add_argument("--stop-after-minutes", type=float, default=0, help="save and stop (0 = no limit)")
+    p.add_argument("--export", help="write the EMA decoder of the latest checkpoint to this folder")
+    args = p.parse_args(argv)
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    trainer = Trainer(args)
+    manager = _checkpoint_manager(workdir)
+    state = trainer.init_state()
+    restored = _restore(manager, state)
+    if restored is not None:
+        state = restored
+        print(f"resumed from step {int(state['step'])}", flush=True)
+    elif args.export:
+        print(f"error: no checkpoint in {workdir} to export", file=sys.stderr)
+        return 2
+
+    log_path = workdir / "log.jsonl"
+    timing_path = workdir / "wall_seconds.json"
+    wall_before = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else 0.0
+
+    if args.export:
+        info = {"steps": int(state["step"]), "args": vars(args), "train_wall_seconds": wall_before}
+        if args.eval_every:
+            info["gate"] = evaluate_gate(trainer, state["ema"])
+            print(json.dumps(info["gate"]), flush=True)
+        export(trainer, state["ema"], Path(args.export), info)
+        return 0
+
+    stop = {"flag": False}
+
+    def _handler(signum, frame):  # pre-emption: finish the step, save, exit
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+
+    start = time.time()
+    last_save = time.time()
+    last_log = (time.time(), int(state["step"]))
+    while int(state["step"]) < args.steps and not stop["flag"]:
+        state, m = trainer.step(state)
+        step = int(state["step"])
+        if step % args.log_every == 0 or step == args.steps:
+            now = time.time()
+            rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
+            last_log = (now, step)
+            eta_min = (args.steps - step) / max(rate, 1e-9) / 60
+            record = {
+                "step": step,
+                "loss": float(m["loss"]),
+                "grad_norm": float(m["grad_norm"]),
+                "steps_per_s": round(rate, 3),
+                "wall_s": round(wall_before + now - start, 1),
+            }
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"step {step}/{args.steps} loss {record['loss']:.4f} {rate:.2f} steps/s "
+                  f"eta {eta_min:.0f} min", flush=True)
+        if args.eval_every and step % args.eval_every == 0:
+            gate = evaluate_gate(trainer, state["ema"])
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": step, "gate": gate}) + "\n")
+            print(f"gate at step {step}: {json.dumps(gate)}", flush=True)
+        if time.time() - last_save > 60 * args.checkpoint_minutes:
+            _save(manager, state)
+            timing_path.write_text(json.dumps({"seconds": wall_before + time.time() - start}))
+            last_save = time.time()
+        if args.stop_after_minutes and time.time() - start > 60 * args.stop_after_minutes:
+            break
+    _save(manager, state)
+    timing_path.write_text(json.dumps({"seconds": wall_before + time.time() - start}))
+    print(f"saved step {int(state['step'])} to {workdir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Where the trainable encoder meets the frozen decoder: images -> text states -> denoising loss.
+
+`DeDiffusion` is a small static object (modules, configs, token layout) whose methods are pure
+functions of (trainable params, frozen params, batch, rng): the train step, the evaluation and the
+encode command all call it. Nothing here owns parameters.
+
+Token path (config `quantizer.token_path`):
+- "fused" (default): vocabulary head + Gumbel-softmax + (soft @ E) in one custom-VJP op that never keeps
+  the [B, N, V] relaxed one-hot (quantizer.fused_soft_token_embeddings), fed to the text encoder as
+  token embeddings. The memory-lean path for V = 49,408.
+- "soft": the reference formulation: soft tokens [B, N+2(+pad), V] with SOS/EOS through the text
+  encoder's `soft_tokens` entry (soft @ E inside it). Same values and gradients, more memory.
+Either way the gradient reaches the encoder THROUGH the token-embedding matrix E.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dediffusion_jax.models import quantizer
+from dediffusion_jax.models.encoder import DeDiffusionEncoder
+from dediffusion_jax.t2i import clip_text, schedules
+from dediffusion_jax.t2i import vae as vae_lib
+from dediffusion_jax.t2i.folder import Decoder
+
+Array = jax.Array
+TOKEN_PATHS = ("fused", "soft")
+# Token statistics (entropy, distinct tokens) are computed on at most this many examples, so that the
+# dense [B, N, V] logits they need stay small at V = 49,408.
+STATS_EXAMPLES = 16
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DeDiffusion:
+    """The De-Diffusion autoencoder: `encoder` (trainable module) + `decoder` (frozen, static).
+
+    Param trees passed to the methods:
+      trainable: the encoder params that get gradients ({"pooler", "vocab_head"} and, when the backbone
+        is trained, "backbone");
+      frozen: {"backbone"?: ..., "decoder": {"text_encoder", "unet", "vae"?}}.
+    """
+
+    encoder: DeDiffusionEncoder
+    decoder: Decoder
+    hard: bool = True
+    token_path: str = "fused"
+    rows_per_chunk: int = 16
+
+    def __post_init__(self) -> None:
+        if self.token_path not in TOKEN_PATHS:
+            raise ValueError(f"quantizer.token_path={self.token_path!r}; choose one of {TOKEN_PATHS}")
+        context = self.decoder.context_length
+        n = self.num_tokens
+        if n + 2 > context:
+            raise ValueError(
+                f"{n} tokens + SOS + EOS exceed the decoder's context length {context}; "
+                f"use at most {context - 2} queries"
+            )
+        if self.encoder.config.vocab_size != self.decoder.text_config.vocab_size:
+            raise ValueError(
+                f"encoder vocab_size {self.encoder.config.vocab_size} != decoder vocabulary "
+                f"{self.decoder.text_config.vocab_size}"
+            )
+
+    # -- layout ---------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.encoder.config.num_queries
+
+    @property
+    def special_ids(self) -> tuple[int, int, int]:
+        tok = self.decoder.tokenizer
+        return int(tok.bos_token_id), int(tok.eos_token_id), int(tok.pad_token_id)
+
+    @property
+    def exclusion_mask(self) -> np.ndarray:
+        mask = np.zeros(self.encoder.config.vocab_size, bool)
+        mask[list(self.encoder.config.excluded_ids)] = True
+        return mask
+
+    @staticmethod
+    def merge(trainable: Any, frozen: Any) -> dict:
+        """The encoder's full param tree from the trainable and frozen parts."""
+        merged = dict(trainable)
+        if "backbone" in frozen:
+            merged["backbone"] = frozen["backbone"]
+        return merged
+
+    # -- encoder ----------------------------------------------------------------------------------
+    def logits(self, trainable: Any, frozen: Any, images: Array) -> Array:
+        """Masked float32 logits [B, N, V]."""
+        return self.encoder.apply({"params": self.merge(trainable, frozen)}, images)
+
+    def token_ids(self, trainable: Any, frozen: Any, images: Array) -> Array:
+        """Inference: the discrete De-Diffusion tokens [B, N] (argmax, no noise)."""
+        return quantizer.argmax_tokens(self.logits(trainable, frozen, images))
+
+    def prompt_ids(self, token_ids: Array) -> Array:
+        """[B, N] tokens -> [B, L] ids laid out as the decoder's tokenizer lays out a prompt."""
+        bos, eos, pad = self.special_ids
+        return quantizer.assemble_ids(token_ids, bos, eos, pad, self.decoder.context_length)
+
+    def texts(self, token_ids: Array | np.ndarray) -> list[str]:
+        """The De-Diffusion texts: argmax tokens detokenized."""
+        return quantizer.detokenize(self.decoder.tokenizer, token_ids)
+
+    # -- encoder -> text states ---------------------------------------------------------------------
+    def text_states(
+        self, trainable: Any, frozen: Any, images: Array, rng: Array, temperature: Array
+    ) -> tuple[Array, Array]:
+        """Relaxed tokens through the frozen text encoder: ([B, L, D] states, [B, N, width] features)."""
+        dec = frozen["decoder"]
+        params = self.merge(trainable, frozen)
+        features = self.encoder.apply({"params": params}, images, method=DeDiffusionEncoder.features)
+        table = clip_text.token_embedding_matrix(dec["text_encoder"])
+        bos, eos, pad = self.special_ids
+        context = self.decoder.context_length
+        text_model = self.decoder.text_encoder
+        if self.token_path == "fused":
+            head = params["vocab_head"]["dense"]
+            embeds = quantizer.fused_soft_token_embeddings(
+                features, head["kernel"], head["bias"], self.exclusion_mask, rng, temperature,
+                self.hard, table, rows_per_chunk=self.rows_per_chunk,
+            )
+            token_embeds = quantizer.assemble_token_embeddings(embeds, table, bos, eos, pad, context)
+            out = text_model.apply(
+                {"params": dec["text_encoder"]},
+                token_embeds=token_embeds,
+                eos_positions=jnp.full((images.shape[0],), self.num_tokens + 1, jnp.int32),
+            )
+        else:
+            logits = self.encoder.apply(
+                {"params": params}, features, method=lambda m, f: m.vocab_head(f)
+            )
+            probs = quantizer.gumbel_softmax(logits, rng, temperature, self.hard)
+            soft = quantizer.assemble_soft_tokens(probs, bos, eos, pad, context)
+            out = text_model.apply({"params": dec["text_encoder"]}, soft_tokens=soft)
+        return out.last_hidden_state, features
+
+    # -- the loss ---------------------------------------------------------------------------------
+    def clean_sample(self, frozen: Any, batch: dict[str, Array], rng: Array) -> Array:
+        """x_0 of the diffusion: the decoder view (pixel decoders) or its VAE latent."""
+        if "latents" in batch:
+            return batch["latents"]
+        if not self.decoder.is_latent:
+            return batch["decoder"]
+        return vae_lib.latents_from_images(
+            frozen["decoder"]["vae"], self.decoder.vae_config, batch["decoder"], rng
+        )
+
+    def loss(
+        self,
+        trainable: Any,
+        frozen: Any,
+        batch: dict[str, Array],
+        rng: Array,
+        temperature: Array,
+    ) -> tuple[Array, dict[str, Array]]:
+        """The decoder's own denoising loss (its prediction type and schedule), one t per example."""
+        k_gumbel, k_t, k_noise, k_vae = jax.random.split(rng, 4)
+        states, features = self.text_states(trainable, frozen, batch["backbone"], k_gumbel, temperature)
+        x0 = jax.lax.stop_gradient(self.clean_sample(frozen, batch, k_vae)).astype(jnp.float32)
+        schedule = self.decoder.schedule
+        t = schedules.sample_timesteps(k_t, x0.shape[0], schedule)
+        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        x_t = schedules.add_noise(schedule, x0, noise, t)
+        pred = self.decoder.unet.apply({"params": frozen["decoder"]["unet"]}, x_t, t, states)
+        target = schedules.training_target(schedule, x0, noise, t)
+        per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+        return jnp.mean(per_example), {"features": features}
+
+    def token_stats(self, trainable: Any, features: Array) -> dict[str, Array]:
+        """Mean per-slot entropy (nats) and distinct argmax tokens over a few examples."""
+        few = jax.lax.stop_gradient(features[:STATS_EXAMPLES])
+        logits = self.encoder.apply(
+            {"params": trainable}, few, method=lambda m, f: m.vocab_head(f)
+        )
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1).mean()
+        ids = jnp.argmax(logits, axis=-1).reshape(-1)
+        used = jnp.zeros((logits.shape[-1],), jnp.int32).at[ids].set(1)
+        return {"token_entropy": entropy, "distinct_tokens": used.sum()}
