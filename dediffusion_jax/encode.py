@@ -1,0 +1,295 @@
+"""Images -> De-Diffusion text with a trained encoder, written as JSONL.
+
+    python -m dediffusion_jax.encode --checkpoint WORKDIR[/checkpoints/STEP] \
+        --images FILE|DIR|tfds:NAME:SPLIT[@DATA_DIR]|arrayrecord:GLOB ... --out texts.jsonl \
+        [--batch-size 32] [--limit N]
+
+One line per readable image: {"id", "text", "token_ids"[, "path"]}. The text is the argmax tokens of
+the encoder detokenized with the decoder's own tokenizer (exactly what the decoder would read); the
+ids are kept so nothing is lost to detokenization. Ids match the image sources' ids (a folder's
+relative paths, a tfds id), so the file plugs into `python -m dediffusion_jax.evaluate --texts`.
+Unreadable images are reported on stderr, counted and skipped; they never stop the run.
+
+The core (`encode_records`, `encode_to_jsonl`) takes an already built (config, model, params), so
+tests and the evaluation protocol call it without a checkpoint; `main` only adds
+`train.checkpoint.load_for_inference`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+
+from dediffusion_jax.data.preprocess import (CLIP_MEAN, CLIP_STD, CorruptExampleError,
+                                             PreprocessConfig, decode_image, two_views)
+
+ErrorFn = Callable[[str, str], None]
+_SPEC_PREFIXES = ("tfds:", "arrayrecord:", "folder:")
+
+
+def preprocess_config_for(config: Any) -> PreprocessConfig:
+    """The backbone view of a training config: `backbone.image_size`, centre square, no augmentation.
+
+    The normalisation is the one the run trained with (`data.preprocess.backbone_mean/std` when the
+    config has them, else CLIP's, the pipeline's default). The decoder view is not needed here, so it
+    is made as small as the backbone view (it is computed and dropped).
+    """
+    size = int(config.backbone.image_size)
+    pre = {}
+    data = config.get("data", None) if hasattr(config, "get") else None
+    if data is not None and hasattr(data, "get") and data.get("preprocess", None) is not None:
+        pre = dict(data.preprocess)
+    return PreprocessConfig(
+        backbone_size=size,
+        backbone_mean=tuple(pre.get("backbone_mean", CLIP_MEAN)),
+        backbone_std=tuple(pre.get("backbone_std", CLIP_STD)),
+        decoder_size=size,
+        augment=False,
+    )
+
+
+# ------------------------------------------------------------------------------------ image input
+
+
+def iter_image_records(specs: Sequence[str], limit: int | None = None,
+                       on_error: ErrorFn | None = None) -> Iterator[dict[str, Any]]:
+    """Records {'id', 'image' (bytes), 'path'?} from files, folders and source specs, in order.
+
+    A file's id is its path as given; a folder's images have their path relative to the folder as id
+    (as `ImageFolderSource` names them); tfds/arrayrecord specs keep the source's ids. A file that
+    cannot be read is passed to `on_error(id, reason)` and skipped.
+    """
+    from dediffusion_jax.data.sources import ImageFolderSource, source_from_spec
+
+    count = 0
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_file() or not (path.is_dir() or spec.startswith(_SPEC_PREFIXES)):
+            # a file (a missing one is reported by on_error like any unreadable image)
+            items: Iterable[tuple[str, Callable[[], dict]]] = [
+                (spec, lambda p=path, s=spec: {"id": s, "image": p.read_bytes(), "path": str(p)})]
+        else:
+            src = ImageFolderSource(path) if path.is_dir() else source_from_spec(spec)
+            root = getattr(src, "root", None)
+
+            def make(i: int, src=src, root=root) -> dict:
+                rec = dict(src[i])
+                if root is not None:
+                    rec["path"] = str(root / rec["id"])
+                return rec
+
+            items = ((f"{spec}[{i}]", lambda i=i: make(i)) for i in range(len(src)))
+        for name, fetch in items:
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            try:
+                yield fetch()
+            except (OSError, CorruptExampleError, ValueError) as e:
+                if on_error is None:
+                    raise
+                on_error(name, f"{type(e).__name__}: {e}")
+
+
+def backbone_view(record: dict[str, Any], preprocess: PreprocessConfig) -> np.ndarray:
+    """The encoder's input for one record; raises CorruptExampleError for an unusable image."""
+    im = decode_image(record["image"], max_pixels=preprocess.max_pixels,
+                      min_side=preprocess.min_decode_side())
+    return two_views(im, preprocess)[0]
+
+
+# ------------------------------------------------------------------------------------ the encoder
+
+
+class TokenEncoder:
+    """Batched, jitted `model.token_ids`, sharded over the mesh's 'data' axis when given.
+
+    Every call is padded to the same batch size (a multiple of the data axis) so one compiled program
+    serves the whole run, the last short batch included.
+    """
+
+    def __init__(self, model: Any, trainable: Any, frozen: Any, *, batch_size: int = 32,
+                 mesh: Any = None):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        self.model = model
+        data = 1 if mesh is None else int(mesh.shape.get("data", 1))
+        self.batch_size = max(data, -(-batch_size // data) * data)
+        self._sharding = None if mesh is None else NamedSharding(mesh, P("data"))
+        if mesh is not None:
+            replicated = NamedSharding(mesh, P())
+            trainable, frozen = jax.device_put((trainable, frozen), replicated)
+        # Only the backbone part of the frozen tree is read by the encoder.
+        self._params = (trainable, {k: v for k, v in frozen.items() if k == "backbone"})
+        self._fn = jax.jit(model.token_ids)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """[B, S, S, 3] backbone views -> [B, N] int token ids (numpy)."""
+        import jax
+
+        images = np.asarray(images, np.float32)
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                chunk = np.concatenate(
+                    [chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+            x = chunk if self._sharding is None else jax.device_put(chunk, self._sharding)
+            out.append(np.asarray(self._fn(*self._params, x))[:n])
+        if not out:
+            return np.zeros((0, self.model.num_tokens), np.int32)
+        return np.concatenate(out)
+
+    def texts(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
+        ids = self(images)
+        return self.model.texts(ids), ids
+
+
+def encode_records(
+    records: Iterable[dict[str, Any]],
+    model: Any,
+    trainable: Any,
+    frozen: Any,
+    preprocess: PreprocessConfig,
+    *,
+    batch_size: int = 32,
+    mesh: Any = None,
+    on_error: ErrorFn | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Records -> {'id', 'text', 'token_ids'[, 'path']} in input order, corrupt images skipped.
+
+    `on_error(id, reason)` hears about every image that could not be decoded (default: re-raise).
+    """
+    encoder = TokenEncoder(model, trainable, frozen, batch_size=batch_size, mesh=mesh)
+    pending: list[tuple[dict, np.ndarray]] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        texts, ids = encoder.texts(np.stack([v for _, v in pending]))
+        for (rec, _), text, row in zip(pending, texts, ids):
+            out = {"id": str(rec.get("id", "")), "text": text,
+                   "token_ids": [int(t) for t in row]}
+            if "path" in rec:
+                out["path"] = rec["path"]
+            yield out
+        pending.clear()
+
+    for rec in records:
+        try:
+            view = backbone_view(rec, preprocess)
+        except CorruptExampleError as e:
+            if on_error is None:
+                raise
+            on_error(str(rec.get("id", "?")), str(e))
+            continue
+        pending.append((rec, view))
+        if len(pending) >= encoder.batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def encode_to_jsonl(
+    specs: Sequence[str],
+    out: str | os.PathLike,
+    config: Any,
+    model: Any,
+    trainable: Any,
+    frozen: Any,
+    *,
+    batch_size: int = 32,
+    mesh: Any = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encodes every image of `specs` into `out` (JSONL); returns {'encoded', 'skipped', 'errors'}."""
+    errors: list[tuple[str, str]] = []
+
+    def on_error(name: str, reason: str) -> None:
+        errors.append((name, reason))
+        print(f"skipped unreadable image {name}: {reason}", file=sys.stderr, flush=True)
+
+    records = iter_image_records(specs, limit=limit, on_error=on_error)
+    results = encode_records(records, model, trainable, frozen, preprocess_config_for(config),
+                             batch_size=batch_size, mesh=mesh, on_error=on_error)
+    if progress:
+        from tqdm import tqdm
+
+        results = tqdm(results, desc="encode", unit="img", file=sys.stderr)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    n = 0
+    with open(tmp, "w") as f:
+        for row in results:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(out)
+    print(f"encoded {n} images -> {out}; skipped {len(errors)} unreadable", file=sys.stderr,
+          flush=True)
+    return {"encoded": n, "skipped": len(errors), "errors": errors}
+
+
+def default_mesh() -> Any:
+    """A pure data-parallel mesh over all devices, or None on one device."""
+    import jax
+
+    if jax.device_count() <= 1:
+        return None
+    from dediffusion_jax.parallel.mesh import make_mesh
+
+    return make_mesh({"data": -1})
+
+
+# ---------------------------------------------------------------------------------------- the CLI
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dediffusion_jax.encode",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="a training workdir (latest checkpoint) or WORKDIR/checkpoints/STEP")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image files, folders, or source specs (tfds:NAME:SPLIT[@DIR], "
+                        "arrayrecord:GLOB, folder:PATH)")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=None, help="encode at most this many images")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from dediffusion_jax.train.checkpoint import load_for_inference
+
+    try:
+        config, model, trainable, frozen = load_for_inference(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = encode_to_jsonl(args.images, args.out, config, model, trainable, frozen,
+                                  batch_size=args.batch_size, mesh=default_mesh(),
+                                  limit=args.limit, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if summary["encoded"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
