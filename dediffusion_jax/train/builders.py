@@ -37,10 +37,12 @@ def build_backbone(config: ml_collections.ConfigDict) -> tuple[vit.ViT, Any | No
         return vit.ViT(vit_config, dtype=dtype, remat=bool(config.get("remat", False))), params
     vit_config = vit.ViTConfig.named(b.variant, image_size=int(b.image_size))
     overrides = b.get("overrides", None)
+    # Unset overrides are 0/None/'' (config files cannot override None fields from the command line).
+    overrides = {k: v for k, v in dict(overrides or {}).items() if v not in (None, 0, "")}
     if overrides:
         import dataclasses
 
-        vit_config = dataclasses.replace(vit_config, **dict(overrides))
+        vit_config = dataclasses.replace(vit_config, **overrides)
     return vit.ViT(vit_config, dtype=dtype, remat=bool(config.get("remat", False))), None
 
 

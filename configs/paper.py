@@ -1,0 +1,66 @@
+"""The paper's setting (PAPER.md): ViT-L/14 @ 288 frozen, 75 tokens, 5x1024 pooler, Adafactor, 500K steps.
+
+    python -m dediffusion_jax.train --config configs/paper.py:decoder=/models/sd2-base,backbone=/models/clip-vit-large-patch14 \
+        --config.data.source=tfds:coco_captions/2014:train --workdir /ckpt/dd
+
+Config arg (comma-separated): decoder=PATH (diffusers folder, e.g. stable-diffusion-2-base),
+backbone=PATH (transformers CLIPVisionModel folder), runlocal (CPU-sized: tiny ViT, 10 steps, batch 8,
+tiny everything; still needs a decoder folder). The same fields can be set with --config.decoder.path,
+--config.backbone.init.
+
+Ablations (one field each; see docs/training.md): encoder.num_queries (5/15/45/75),
+encoder.pooler_blocks (3/5/9), vocab.exclude_punctuation, backbone.frozen / backbone.init
+('' = random init; train it with backbone.frozen=False), data.source.
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    from configs import common
+except ImportError:  # loaded by path from outside the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from configs import common
+
+
+def get_config(arg: str | None = None):
+    args = common.parse_arg(arg)
+    c = common.base_config()
+    c.decoder.path = args.get("decoder", "")
+    c.backbone.variant = "L/14"
+    c.backbone.image_size = 288
+    c.backbone.init = args.get("backbone", "")
+    c.backbone.frozen = True
+    c.encoder.update(dict(num_queries=75, pooler_blocks=5, pooler_width=1024, pooler_heads=16))
+    c.vocab.exclude_punctuation = True
+    c.quantizer.temperature.update(dict(schedule="exponential", start=2.0, end=0.3))
+    c.optimizer.update(dict(name="adafactor", b1=0.9, b2=0.999, weight_decay=0.01))
+    c.lr.update(dict(schedule="warmup_cosine", peak=3e-4, end=3e-6, warmup_steps=10_000))
+    c.total_steps = 500_000
+    c.batch_size = 2048
+    c.data.source = args.get("data", "tfds:coco_captions/2014:train")
+    c.data.worker_count = 8
+    c.dtype = "bfloat16"
+    c.remat = True
+    c.checkpoint.update(dict(every_steps=2000, keep=3))
+    c.log.update(dict(progress_every=100, samples_every=5000))
+
+    if "runlocal" in args:
+        c.backbone.variant = "Ti/8"
+        c.backbone.image_size = 32
+        c.backbone.overrides.update(dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64))
+        if not args.get("backbone"):
+            c.backbone.frozen = False   # a random backbone is trained, never frozen
+        c.encoder.update(dict(num_queries=6, pooler_blocks=1, pooler_width=32, pooler_heads=2))
+        c.lr.warmup_steps = 2
+        c.total_steps = 10
+        c.batch_size = 8
+        c.data.worker_count = 0
+        c.data.read_threads = 2
+        c.dtype = "float32"
+        c.remat = False
+        c.mesh.data = -1
+        c.checkpoint.update(dict(every_steps=5, keep=2))
+        c.log.update(dict(progress_every=1, samples_every=5, num_samples=2))
+    c.lock()
+    return c

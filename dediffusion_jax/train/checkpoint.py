@@ -1,0 +1,164 @@
+"""Checkpoints of a De-Diffusion run (orbax): train state, data iterator, config, decoder identity.
+
+Layout: WORKDIR/checkpoints/STEP/{state, data, config, decoder}
+- state:   the TrainState (trainable encoder params + optimizer state + step), sharded arrays;
+- data:    the grain iterator state, one JSON file per process (each process reads its own shard);
+- config:  the run's config as JSON (what `load_for_inference` rebuilds the model from);
+- decoder: {"path", "identity"}: a resumed run refuses a decoder whose weights hash differs.
+
+Rules (maxdiffusion's bare `except:` that starts afresh on any error is exactly what this avoids):
+- a workdir with a checkpoint resumes from its latest step by itself;
+- a checkpoint that cannot be restored raises `CheckpointError`; it never becomes a fresh start;
+- saves are asynchronous (orbax copies arrays to host, then writes in the background); `close()`
+  waits for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+ITEMS = ("state", "data", "config", "decoder")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used (corrupt, incompatible, or a different decoder)."""
+
+
+class DecoderMismatchError(CheckpointError):
+    """The checkpoint was trained against another decoder (weights hash differs)."""
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    return Path(workdir).expanduser().resolve() / "checkpoints"
+
+
+def make_manager(workdir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        item_names=ITEMS,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=int(keep), create=True, enable_async_checkpointing=bool(async_save)),
+    )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+         config: ml_collections.ConfigDict, decoder_info: dict[str, str]) -> None:
+    """Starts an (async) save of everything a resume needs. Call `manager.wait_until_finished()`
+    before reading it or exiting."""
+    import grain
+
+    args = dict(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(json.loads(config.to_json())),
+        decoder=ocp.args.JsonSave(dict(decoder_info)),
+    )
+    if data_iterator is not None:
+        args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    manager.save(int(step), args=ocp.args.Composite(**args), force=True)
+    log.info("checkpoint: saving step %d to %s", step, manager.directory)
+
+
+def decoder_info(decoder: Any) -> dict[str, str]:
+    return {"path": str(decoder.path) if decoder.path else "", "identity": decoder.identity}
+
+
+def _restore_json(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        return dict(out[item])
+    except Exception as e:  # noqa: BLE001 - re-raised with the checkpoint named
+        raise CheckpointError(
+            f"cannot read '{item}' of checkpoint step {step} in {manager.directory}: "
+            f"{type(e).__name__}: {e}") from e
+
+
+def check_decoder(manager: ocp.CheckpointManager, step: int, current: dict[str, str]) -> None:
+    """Raises DecoderMismatchError when the checkpoint's decoder is not `current`."""
+    saved = _restore_json(manager, step, "decoder")
+    if saved.get("identity") != current["identity"]:
+        raise DecoderMismatchError(
+            f"the checkpoint at step {step} in {manager.directory} was trained against the decoder "
+            f"{saved.get('path')!r} (weights hash {saved.get('identity')}), but this run loaded "
+            f"{current['path']!r} (weights hash {current['identity']}). An encoder only makes sense "
+            f"with its own decoder: point decoder.path at the original folder, or use a new workdir.")
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            data_iterator: Any | None) -> Any:
+    """The TrainState of `step` (sharded like `abstract_state`); sets `data_iterator`'s position.
+
+    Any failure is a CheckpointError naming the step and the cause.
+    """
+    import grain
+
+    args = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iterator is not None:
+        args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+        out = manager.restore(int(step), args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001 - a failed restore must stop the run, loudly
+        raise CheckpointError(
+            f"failed to restore checkpoint step {step} from {manager.directory}: "
+            f"{type(e).__name__}: {e}\nThe run stops rather than silently starting from scratch; "
+            f"delete that step's folder to fall back to an earlier one.") from e
+    return out["state"]
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def resolve_checkpoint_path(path: str | Path) -> tuple[Path, int]:
+    """WORKDIR (latest step) or WORKDIR/checkpoints/STEP -> (workdir, step)."""
+    p = Path(path).expanduser().resolve()
+    if p.name.isdigit() and p.parent.name == "checkpoints":
+        if not p.is_dir():
+            raise CheckpointError(f"no checkpoint folder {p}")
+        return p.parent.parent, int(p.name)
+    if (p / "checkpoints").is_dir():
+        steps = sorted(int(q.name) for q in (p / "checkpoints").iterdir()
+                       if q.is_dir() and q.name.isdigit())
+        if steps:
+            return p, steps[-1]
+    raise CheckpointError(
+        f"{p} is neither a run workdir with checkpoints nor WORKDIR/checkpoints/STEP")
+
+
+def load_for_inference(path: str | Path) -> tuple[ml_collections.ConfigDict, Any, Any, Any]:
+    """(config, model, trainable_params, frozen_params) of a trained run, on the default device.
+
+    `path`: a workdir (its latest checkpoint) or WORKDIR/checkpoints/STEP. The decoder is loaded from
+    the path recorded in the checkpoint's config and checked against its recorded identity. Use:
+
+        config, model, trainable, frozen = load_for_inference("workdirs/miniworld")
+        ids = model.token_ids(trainable, frozen, images)   # [B, N]
+        texts = model.texts(ids)
+    """
+    from dediffusion_jax.t2i.folder import load_decoder
+    from dediffusion_jax.train import loop
+
+    workdir, step = resolve_checkpoint_path(path)
+    manager = make_manager(workdir, async_save=False)
+    try:
+        config = ml_collections.ConfigDict(_restore_json(manager, step, "config"))
+        decoder = load_decoder(config.decoder.path)
+        check_decoder(manager, step, decoder_info(decoder))
+        parts = loop.build_parts(config, decoder)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = abstract_with_shardings(
+            parts.abstract_state, jax.tree.map(lambda _: device, parts.abstract_state))
+        state = restore(manager, step, abstract, None)
+    finally:
+        manager.close()
+    frozen = parts.frozen_params(jax.random.key(int(config.seed)))
+    return config, parts.model, state.params, frozen
