@@ -12,7 +12,6 @@ command that `shlex.split` turns back into exactly the argv that would have been
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import shutil
@@ -130,9 +129,3 @@ def default_python(repo_root: Path = REPO_ROOT) -> str:
 def is_gcs(path: str) -> bool:
     return path.startswith("gs://")
 
-
-def environ_without(keys: Iterable[str]) -> dict:
-    env = dict(os.environ)
-    for k in keys:
-        env.pop(k, None)
-    return env

@@ -26,7 +26,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Any --config.key=value (or --config.key value, or anything after --) is passed "
                "to the trainer unchanged.")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default %(default)s)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default %(default)s)")
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="GPUs per node (default %(default)s)")
     p.add_argument("--cpus-per-task", type=int, default=None,
                    help="CPUs for the one process per node (data loading); default: not set")
     p.add_argument("--mem", default=None, help="memory per node, e.g. 0 (all) or 500G")

@@ -22,7 +22,6 @@ each TPU host (it prints the `export JAX_...` line from the metadata server).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import urllib.request
@@ -163,7 +162,9 @@ def run_command(a: argparse.Namespace, passthrough: Sequence[str]) -> List[str]:
     log = "logs/train_$(hostname).log"  # $(hostname) expands on each host: one log per worker
     remote = (
         f"cd {d} && mkdir -p logs && "
-        f"eval \"$(python3 launch/tpu_pod.py --worker-env --port {int(a.port)})\" && {env}"
+        # (assigned first: `eval "$(cmd)"` would succeed even when cmd fails)
+        f"JAX_ENV=$(python3 launch/tpu_pod.py --worker-env --port {int(a.port)}) && "
+        f"eval \"$JAX_ENV\" && {env}"
         f"{{ nohup {train} > {log} 2>&1 < /dev/null & echo $! > logs/train.pid; "
         f"echo \"started pid $! on $(hostname) as process $JAX_PROCESS_ID/$JAX_NUM_PROCESSES, "
         f"log: $PWD/{log}\"; }}")

@@ -53,7 +53,8 @@ def _calls(bindir: Path) -> list:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
-def _run(script: str, *args: str, path: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, path: str,
+         cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PATH"}
     env["PATH"] = path
     return subprocess.run([sys.executable, str(LAUNCH / script), *args], env=env, cwd=cwd,
@@ -119,16 +120,18 @@ def test_tpu_passthrough_round_trips_through_both_shell_levels(capsys):
                      "configs/paper.py:b16", "--workdir", "gs://bucket/run 1", *NASTY]
 
 
-def test_tpu_remote_command_runs_under_a_real_shell(tmp_path, capsys):
+@pytest.mark.parametrize("metadata_ok", [True, False])
+def test_tpu_remote_command_runs_under_a_real_shell(tmp_path, capsys, metadata_ok):
     """Runs the exact --command string with bash in a fake TPU host checkout: the trainer gets
-    the overrides byte for byte, the JAX_* env from --worker-env, and survives in background."""
+    the overrides byte for byte, the JAX_* env from --worker-env, and survives in background.
+    If --worker-env fails (no metadata server), nothing is started and the command fails."""
     tpu_pod.main([*TPU, "--dry-run", "--env", "EXTRA=x y", *NASTY])
     (run,) = _commands(capsys.readouterr().out)
     home = tmp_path / "home"
     (home / "dediffusion_jax" / "launch").mkdir(parents=True)
     (home / "dediffusion_jax" / "launch" / "tpu_pod.py").write_text(
         "print('export JAX_COORDINATOR_ADDRESS=10.0.0.1:8476 JAX_NUM_PROCESSES=4 "
-        "JAX_PROCESS_ID=2')\n")
+        "JAX_PROCESS_ID=2')\n" if metadata_ok else "raise SystemExit('no metadata server')\n")
     venv = home / "dediffusion_jax" / ".venv" / "bin"
     venv.mkdir(parents=True)
     out = tmp_path / "trainer.json"
@@ -142,6 +145,11 @@ def test_tpu_remote_command_runs_under_a_real_shell(tmp_path, capsys):
     proc = subprocess.run(["bash", "-c", _option(run, "--command")], cwd=home,
                           env={"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(home)},
                           capture_output=True, text=True, timeout=30)
+    if not metadata_ok:
+        assert proc.returncode != 0 and "no metadata server" in proc.stderr
+        time.sleep(0.5)
+        assert not out.exists()
+        return
     assert proc.returncode == 0, proc.stderr
     assert "as process 2/4" in proc.stdout
     for _ in range(100):
@@ -173,7 +181,8 @@ def test_tpu_sync_dir_dry_run_tars_and_scps(tmp_path, capsys):
     cmds = _commands(capsys.readouterr().out)
     assert [c[0] for c in cmds] == ["tar", "gcloud", "gcloud", "gcloud"]
     assert "--exclude=./.venv" in cmds[0] and cmds[0][-3:] == ["-C", str(tmp_path), "."]
-    assert cmds[1][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in cmds[1]
+    assert cmds[1][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+    assert "--worker=all" in cmds[1]
     assert "nohup" not in " ".join(cmds[-1])  # --setup-only starts nothing
 
 
@@ -260,7 +269,8 @@ def test_slurm_script_runs_with_fake_srun(tmp_path):
     out = tmp_path / "tasks.jsonl"
     fake_py = tmp_path / "python"
     fake_py.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                       f"keys = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')\n"
+                       "keys = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', "
+                       "'JAX_PROCESS_ID')\n"
                        f"open({str(out)!r}, 'a').write(json.dumps([sys.argv[1:], "
                        f"[os.environ[k] for k in keys]]) + '\\n')\n")
     fake_py.chmod(0o755)
