@@ -1,0 +1,78 @@
+"""Reports of the reconstruction protocol: the paper-shaped markdown table and image grids."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MIN_CELL = 64  # tiny images (16x16 worlds) are upscaled (nearest) to at least this for viewing
+
+
+def format_fid(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.2f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Rows: text sources; columns: guidance scales; each row's best (lowest) FID in bold.
+
+    Shaped like the paper's table so the two can be read side by side; the header says which
+    feature extractor and how many images produced the numbers (they are only comparable with the
+    paper's for InceptionV3 on 30K COCO 2014 val images at 256x256).
+    """
+    scales = list(results["guidance_scales"])
+    p = results["protocol"]
+    lines = [
+        f"Reconstruction FID (lower is better): {results['num_images']} images at "
+        f"{p['resolution']}x{p['resolution']}, {p['num_steps']} DDIM steps, features "
+        f"`{p['extractor']}`; bold = best guidance scale per row.",
+        "",
+        "| text source (FID, lower is better) | " + " | ".join(scales) + " | best |",
+        "|---|" + "---|" * (len(scales) + 1),
+    ]
+    for row in results["sources"]:
+        cells = []
+        for g in scales:
+            text = format_fid(row["fid"].get(g))
+            cells.append(f"**{text}**" if g == row.get("best_guidance") else text)
+        best = (f"{format_fid(row['best_fid'])} @ {row['best_guidance']}"
+                if row.get("best_guidance") is not None else "n/a")
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {best} |")
+    if results.get("skipped_images"):
+        lines += ["", f"{len(results['skipped_images'])} unreadable source image(s) skipped."]
+    return "\n".join(lines)
+
+
+def save_grid(path: str | os.PathLike, originals: Sequence[np.ndarray],
+              columns: Sequence[Sequence[np.ndarray]], labels: Sequence[str]) -> Path:
+    """A PNG grid: one row per image, columns original | each text source; labelled header."""
+    path = Path(path)
+    cols = [list(originals)] + [list(c) for c in columns]
+    rows = max((len(c) for c in cols), default=0)
+    sample = next((c[0] for c in cols if c), np.zeros((MIN_CELL, MIN_CELL, 3), np.uint8))
+    side = max(int(sample.shape[0]), MIN_CELL)
+    header, pad = 14, 2
+    width = len(cols) * (side + pad) + pad
+    canvas = Image.new("RGB", (width, header + rows * (side + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(labels[:len(cols)]):
+        # truncated to the cell width (the default bitmap font is ~6 px per character)
+        draw.text((pad + j * (side + pad), 1), label[: max(1, side // 6)], fill=(0, 0, 0))
+    for j, col in enumerate(cols):
+        for i, img in enumerate(col):
+            im = Image.fromarray(np.asarray(img, np.uint8))
+            if im.size != (side, side):
+                im = im.resize((side, side), Image.Resampling.NEAREST)
+            canvas.paste(im, (pad + j * (side + pad), header + pad + i * (side + pad)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    canvas.save(tmp)
+    os.replace(tmp, path)
+    return path
