@@ -187,10 +187,12 @@ def load_decoder_for(config: ml_collections.ConfigDict) -> Decoder:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
-                       *, decoder: Decoder | None = None) -> dict[str, Any]:
+                       *, decoder: Decoder | None = None, dataset: Any | None = None) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns a summary dict.
 
     `decoder`: an already loaded decoder (tests); by default config.decoder.path is loaded.
+    `dataset`: an iterable of host-local batches whose iterator has get_state/set_state and
+      num_skipped (as pipeline.Dataset); by default `make_data(config, decoder)`.
     Raises CheckpointError (corrupt restore, other decoder) and DecoderFolderError (bad path).
     """
     workdir = Path(workdir).expanduser().resolve()
@@ -223,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     state_sh = step_lib.state_shardings_for(abstract, mesh, sharding_lib.ENCODER_RULES)
     manager = ckpt_lib.make_manager(workdir, keep=int(config.checkpoint.keep),
                                     async_save=bool(config.checkpoint.async_save))
-    dataset = make_data(config, decoder)
+    dataset = make_data(config, decoder) if dataset is None else dataset
     data_iter = iter(dataset)
     latest = manager.latest_step()
     if latest is not None:
