@@ -238,3 +238,69 @@ def test_jsonl_texts_and_cli_resume(tmp_path, decoder_dir, monkeypatch, capsys):
     bad = argv[:6] + ["--captions", "longest", "--workdir", str(tmp_path / "w2")]
     assert evaluate.main(bad, extractor=TinyExtractor()) == 2
     assert "no captions" in capsys.readouterr().err
+
+
+def random_inception_safetensors(path) -> str:
+    """Random FID-Inception weights written as convert_inception writes them (no torch needed)."""
+    from safetensors.numpy import save_file
+
+    from dediffusion_jax.evaluation import inception
+
+    variables = jax.jit(lambda k: inception.InceptionV3FID().init(
+        k, *inception.dummy_inputs()))(jax.random.key(0))
+    tensors = {k: np.ascontiguousarray(v, np.float32)
+               for k, v in inception.variables_to_torch(variables).items()}
+    save_file(tensors, str(path))
+    return str(path)
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: InceptionV3 compiles twice (two CLI runs)
+def test_cli_on_a_tiny_tfds_dataset_with_random_inception_weights(tmp_path, decoder_dir):
+    """The standard path: tfds captions -> decoder -> InceptionV3 (here random) FID."""
+    from dediffusion_jax.data import testing_builders
+
+    testing_builders.build_tiny_captioned_images(tmp_path / "tfds")
+    weights = random_inception_safetensors(tmp_path / "inception.safetensors")
+    argv = ["--images", f"tfds:tiny_captioned_images:validation@{tmp_path / 'tfds'}",
+            "--num-images", "4", "--decoder", str(decoder_dir), "--captions", "longest,concat",
+            "--inception", weights, "--guidance", "3", "--steps", "2", "--resolution", str(RES),
+            "--batch-size", "8", "--workdir", str(tmp_path / "work"),
+            "--reference-cache", str(tmp_path / "cache"), "--no-progress"]
+    assert evaluate.main(argv) == 0
+    results = json.loads((tmp_path / "work/results.json").read_text())
+    assert results["num_images"] == 4 and results["protocol"]["extractor"] == (
+        "inception_v3_fid_pool3")
+    assert [r["name"] for r in results["sources"]] == ["COCO longest caption",
+                                                        "COCO concatenated"]
+    assert all(np.isfinite(r["best_fid"]) for r in results["sources"])
+    rows = [json.loads(line) for line in (
+        tmp_path / "work/sources/COCO_concatenated/texts_00000.jsonl").read_text().splitlines()]
+    for row in rows:  # the builder gives image 100i the captions "picture 100i caption c"
+        i = int(row["id"].rsplit("=", 1)[1])
+        assert row["text"] == " ".join(f"picture {i} caption {c}." for c in range(2 + i % 2))
+    # a second workdir on the same images reuses the cached reference statistics
+    assert len(list((tmp_path / "cache").glob("ref_*.npz"))) == 1
+    assert evaluate.main(argv[:-3] + [str(tmp_path / "work2"), "--no-progress"]) == 0
+    assert not list((tmp_path / "work2/reference").glob("features_*.npz"))
+    again = json.loads((tmp_path / "work2/results.json").read_text())
+    assert again["sources"] == results["sources"]
+
+
+def test_cli_torch_backend_runs_diffusers_stable_diffusion(tmp_path):
+    """--backend torch: diffusers' StableDiffusionPipeline (DDIM) on a tiny SD-1 folder."""
+    tiny.write_reference_folder("sd1", tmp_path / "sd1", world_tokenizer.DEFAULT_DIR)
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for r in make_records(4, corrupt=-1):
+        (img_dir / f"{r['id']}.png").write_bytes(r["image"])
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": f"im{i}.png", "text": f"red circle {i}"}) + "\n"
+                             for i in range(4)))
+    argv = ["--images", str(img_dir), "--decoder", str(tmp_path / "sd1"), "--backend", "torch",
+            "--texts", str(jsonl), "--guidance", "1.5,3", "--steps", "2", "--resolution",
+            str(RES), "--workdir", str(tmp_path / "work"), "--no-progress"]
+    assert evaluate.main(argv, extractor=TinyExtractor()) == 0
+    results = json.loads((tmp_path / "work/results.json").read_text())
+    assert results["protocol"]["generator"].startswith("torch:")
+    (row,) = results["sources"]
+    assert row["name"] == "t" and all(np.isfinite(list(row["fid"].values())))
