@@ -1,4 +1,4 @@
-"""The paper's setting (PAPER.md): ViT-L/14 @ 288 frozen, 75 tokens, 5x1024 pooler, Adafactor, 500K steps.
+"""The paper's setting (PAPER.md): ViT-L/14 @ 280 (paper: CoCa ViT-L @ 288) frozen, 75 tokens, 5x1024 pooler, Adafactor, 500K steps.
 
     python -m dediffusion_jax.train --config configs/paper.py:decoder=/models/sd2-base,backbone=/models/clip-vit-large-patch14 \
         --config.data.source=tfds:coco_captions/2014:train --workdir /ckpt/dd
@@ -27,8 +27,10 @@ def get_config(arg: str | None = None):
     args = common.parse_arg(arg)
     c = common.base_config()
     c.decoder.path = args.get("decoder", "")
+    # The paper's CoCa ViT-L sees 288 px in 18 px patches (16x16 grid). The public stand-in is CLIP
+    # ViT-L/14, whose patch 14 does not divide 288: 280 px (20x20 grid) is the nearest size below.
     c.backbone.variant = "L/14"
-    c.backbone.image_size = 288
+    c.backbone.image_size = 280
     c.backbone.init = args.get("backbone", "")
     c.backbone.frozen = True
     c.encoder.update(dict(num_queries=75, pooler_blocks=5, pooler_width=1024, pooler_heads=16))

@@ -163,10 +163,15 @@ def _run(argv: list[str]) -> int:
                                          flags_.process_id)
         result["rc"] = run_training(flags_.config, flags_.workdir)
 
+    # config_flags finds the --config.KEY overrides in sys.argv at parse time (not in app.run's argv).
+    saved_argv = sys.argv
+    sys.argv = list(argv)
     try:
         app.run(main, argv=argv)
     except SystemExit as e:  # app.run exits when main returns
         return int(e.code or 0) or result["rc"]
+    finally:
+        sys.argv = saved_argv
     return result["rc"]
 
 
