@@ -37,11 +37,11 @@ _SPEC_PREFIXES = ("tfds:", "arrayrecord:", "folder:")
 
 
 def preprocess_config_for(config: Any) -> PreprocessConfig:
-    """The backbone view of a training config: `backbone.image_size`, centre square, no augmentation.
+    """The backbone view of a training config: `backbone.image_size`, centre square, no augment.
 
     The normalisation is the one the run trained with (`data.preprocess.backbone_mean/std` when the
-    config has them, else CLIP's, the pipeline's default). The decoder view is not needed here, so it
-    is made as small as the backbone view (it is computed and dropped).
+    config has them, else CLIP's, the pipeline's default). The decoder view is not needed here,
+    so it is made as small as the backbone view (it is computed and dropped).
     """
     size = int(config.backbone.image_size)
     pre = {}
@@ -113,8 +113,8 @@ def backbone_view(record: dict[str, Any], preprocess: PreprocessConfig) -> np.nd
 class TokenEncoder:
     """Batched, jitted `model.token_ids`, sharded over the mesh's 'data' axis when given.
 
-    Every call is padded to the same batch size (a multiple of the data axis) so one compiled program
-    serves the whole run, the last short batch included.
+    Every call is padded to the same batch size (a multiple of the data axis) so one compiled
+    program serves the whole run, the last short batch included.
     """
 
     def __init__(self, model: Any, trainable: Any, frozen: Any, *, batch_size: int = 32,
@@ -212,7 +212,10 @@ def encode_to_jsonl(
     limit: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Encodes every image of `specs` into `out` (JSONL); returns {'encoded', 'skipped', 'errors'}."""
+    """Encodes every image of `specs` into `out` (JSONL).
+
+    Returns {'encoded': count, 'skipped': count, 'errors': [(id, reason), ...]}.
+    """
     errors: list[tuple[str, str]] = []
 
     def on_error(name: str, reason: str) -> None:

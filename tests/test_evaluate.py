@@ -254,7 +254,7 @@ def random_inception_safetensors(path) -> str:
     return str(path)
 
 
-@pytest.mark.slow  # ~2 min on 2 cores: InceptionV3 compiles twice (two CLI runs)
+@pytest.mark.slow  # 3-10 min on 2 busy cores: InceptionV3 at 299px on CPU, two CLI runs
 def test_cli_on_a_tiny_tfds_dataset_with_random_inception_weights(tmp_path, decoder_dir):
     """The standard path: tfds captions -> decoder -> InceptionV3 (here random) FID."""
     from dediffusion_jax.data import testing_builders
@@ -264,9 +264,8 @@ def test_cli_on_a_tiny_tfds_dataset_with_random_inception_weights(tmp_path, deco
     argv = ["--images", f"tfds:tiny_captioned_images:validation@{tmp_path / 'tfds'}",
             "--num-images", "4", "--decoder", str(decoder_dir), "--captions", "longest,concat",
             "--inception", weights, "--guidance", "3", "--steps", "2", "--resolution", str(RES),
-            "--batch-size", "8", "--workdir", str(tmp_path / "work"),
-            "--reference-cache", str(tmp_path / "cache"), "--no-progress"]
-    assert evaluate.main(argv) == 0
+            "--batch-size", "8", "--reference-cache", str(tmp_path / "cache"), "--no-progress"]
+    assert evaluate.main(argv + ["--workdir", str(tmp_path / "work")]) == 0
     results = json.loads((tmp_path / "work/results.json").read_text())
     assert results["num_images"] == 4 and results["protocol"]["extractor"] == (
         "inception_v3_fid_pool3")
@@ -280,7 +279,7 @@ def test_cli_on_a_tiny_tfds_dataset_with_random_inception_weights(tmp_path, deco
         assert row["text"] == " ".join(f"picture {i} caption {c}." for c in range(2 + i % 2))
     # a second workdir on the same images reuses the cached reference statistics
     assert len(list((tmp_path / "cache").glob("ref_*.npz"))) == 1
-    assert evaluate.main(argv[:-3] + [str(tmp_path / "work2"), "--no-progress"]) == 0
+    assert evaluate.main(argv + ["--workdir", str(tmp_path / "work2")]) == 0
     assert not list((tmp_path / "work2/reference").glob("features_*.npz"))
     again = json.loads((tmp_path / "work2/results.json").read_text())
     assert again["sources"] == results["sources"]
@@ -304,3 +303,39 @@ def test_cli_torch_backend_runs_diffusers_stable_diffusion(tmp_path):
     assert results["protocol"]["generator"].startswith("torch:")
     (row,) = results["sources"]
     assert row["name"] == "t" and all(np.isfinite(list(row["fid"].values())))
+
+
+def test_cli_checkpoint_source_uses_load_for_inference(tmp_path, decoder_dir, monkeypatch):
+    import sys
+    import types
+
+    (tmp_path / "run/checkpoints/100").mkdir(parents=True)
+    (tmp_path / "run/checkpoints/250").mkdir()
+    assert ts.checkpoint_key(tmp_path / "run").endswith("run:step=250")
+    assert ts.checkpoint_key(tmp_path / "run/checkpoints/100").endswith("step=100")
+
+    calls = []
+
+    def load_for_inference(path):
+        calls.append(path)
+        return tiny_dediffusion(folder.load_decoder(decoder_dir))
+
+    fake = types.ModuleType("dediffusion_jax.train.checkpoint")
+    fake.load_for_inference = load_for_inference
+    monkeypatch.setitem(sys.modules, "dediffusion_jax.train.checkpoint", fake)
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for r in make_records(3, corrupt=-1):
+        (img_dir / f"{r['id']}.png").write_bytes(r["image"])
+    argv = ["--images", str(img_dir), "--decoder", str(decoder_dir), "--checkpoint",
+            f"DD-250={tmp_path / 'run'}", "--guidance", "3", "--steps", "2", "--resolution",
+            str(RES), "--workdir", str(tmp_path / "work"), "--no-progress"]
+    assert evaluate.main(argv, extractor=TinyExtractor()) == 0
+    assert calls == [str(tmp_path / "run")]
+    results = json.loads((tmp_path / "work/results.json").read_text())
+    (row,) = results["sources"]
+    assert row["name"] == "DD-250" and row["key"].endswith("step=250")
+    assert np.isfinite(row["best_fid"])
+    # training wrote a newer checkpoint: resuming into the same workdir is refused
+    (tmp_path / "run/checkpoints/300").mkdir()
+    assert evaluate.main(argv, extractor=TinyExtractor()) == 2

@@ -5,9 +5,9 @@ a sweep of classifier-free guidance scales) -> images resized to `resolution` ->
 source images (centre-cropped and resized the same way), one FID per (text source, guidance).
 
 Work is cut into units (text source, guidance, image shard). Each finished unit is one .npz of
-features (plus PNG previews of the first `grid_rows` images) written atomically, so an interrupted run resumes
-where it stopped: a rerun with the same settings skips every finished unit and only decodes the
-image shards that still have work. New text sources or guidance scales can be added to a finished
+features (plus PNG previews of the first `grid_rows` images) written atomically, so an
+interrupted run resumes where it stopped: a rerun with the same settings skips every finished unit
+and only decodes the image shards that still have work. New text sources or guidance scales can be added to a finished
 workdir; changing anything that would change finished units (source, image count, shard size,
 seed, resolution, extractor, text-to-image model) is refused with the differences named.
 
@@ -121,7 +121,10 @@ def shard_seed(seed: int, shard: int) -> int:
 
 
 def reference_image(data: Any, resolution: int) -> np.ndarray:
-    """Encoded image -> uint8 [R, R, 3]: centre square, bicubic resize (raises CorruptExampleError)."""
+    """Encoded image -> uint8 [R, R, 3]: centre square, bicubic resize.
+
+    Raises CorruptExampleError for an undecodable image.
+    """
     im = decode_image(data, min_side=resolution)
     w, h = im.size
     side = min(w, h)
@@ -220,7 +223,7 @@ def run_protocol(
     on_shard_done: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Runs (or resumes) the reconstruction-FID protocol; returns the results (also in results.json).
+    """Runs (or resumes) the reconstruction-FID protocol; returns the results (= results.json).
 
     Args:
       source: an image source (`len`, `source[i] -> {'id', 'image', 'captions'?}`); the first
@@ -234,7 +237,7 @@ def run_protocol(
       generate_fn / generator_key: a custom text-to-image function (e.g. `torch_generate_fn`) and a
         string naming it (recorded; a resume with another model is refused).
       source_key: names the image source for the reference-stats cache (default: repr(source)).
-      reference_cache_dir: where reference FeatureStats are cached (default WORKDIR/reference_cache).
+      reference_cache_dir: where reference FeatureStats are cached (WORKDIR/reference_cache).
       max_shards: compute at most this many new units, then raise ProtocolStopped.
       on_shard_done: called with {'source', 'guidance', 'shard', 'path'} after each new unit.
     """
@@ -251,7 +254,7 @@ def run_protocol(
             raise ValueError("give a decoder or a generate_fn")
         generate_fn = flax_generate_fn(decoder, num_steps, batch_size=batch_size, mesh=mesh)
         generator_key = generator_key or (
-            f"flax:{decoder.path}:{decoder.identity}:steps={num_steps}")
+            f"flax:{decoder.identity}:steps={num_steps}")  # weights, not their folder's path
     generator_key = generator_key or "custom"
     total = len(source) if num_images is None else min(int(num_images), len(source))
     if total < 1:
@@ -298,7 +301,8 @@ def run_protocol(
         return np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
 
     for k in range(num_shards):
-        need_ref_feats = not ref_cache.is_file() and not (ref_dir / f"features_{k:05d}.npz").is_file()
+        need_ref_feats = (not ref_cache.is_file()
+                          and not (ref_dir / f"features_{k:05d}.npz").is_file())
         need_ref_info = not (ref_dir / f"shard_{k:05d}.json").is_file()
         todo = [(t, g) for t in text_sources for g in guidance_scales
                 if not unit_path(t, g, k).is_file()]

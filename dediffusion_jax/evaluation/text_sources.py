@@ -177,6 +177,16 @@ def from_checkpoint(path: str | os.PathLike, *, name: str = "De-Diffusion", batc
     from dediffusion_jax.train.checkpoint import load_for_inference
 
     config, model, trainable, frozen = load_for_inference(path)
-    key = f"dediffusion:{Path(path).expanduser().resolve()}"
-    return DeDiffusionTexts(config, model, trainable, frozen, name=name, key=key,
-                            batch_size=batch_size, mesh=mesh)
+    return DeDiffusionTexts(config, model, trainable, frozen, name=name,
+                            key=checkpoint_key(path), batch_size=batch_size, mesh=mesh)
+
+
+def checkpoint_key(path: str | os.PathLike) -> str:
+    """'dediffusion:<resolved path>:step=<step>': a workdir's latest step is resolved now, so a
+    resumed evaluation notices when training has written a newer checkpoint since."""
+    p = Path(path).expanduser().resolve()
+    step = p.name if p.parent.name == "checkpoints" else None
+    if (p / "checkpoints").is_dir():
+        steps = [int(c.name) for c in (p / "checkpoints").iterdir() if c.name.isdigit()]
+        step = str(max(steps)) if steps else None
+    return f"dediffusion:{p}:step={step}"
