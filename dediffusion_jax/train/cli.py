@@ -154,13 +154,15 @@ def _run(argv: list[str]) -> int:
 
         from dediffusion_jax.parallel import multihost
 
-        # Persistent compilation cache: a resumed or repeated run skips most of the compile time.
-        cache = Path(os.environ.get("DEDIFFUSION_JAX_CACHE", Path.home() / ".cache" / "dediffusion_jax"))
-        jax.config.update("jax_compilation_cache_dir", str(cache / "jax_compilation_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
         multihost.initialize_distributed(flags_.coordinator_address, flags_.num_processes,
                                          flags_.process_id)
+        # Persistent compilation cache: a resumed or repeated run skips most of the compile time.
+        # DEDIFFUSION_JAX_CACHE=off disables it. Off with several processes: a resumed 2-process CPU
+        # run was seen stalling in process 1's cache-writing compile (twice; fine with the cache off).
+        cache = os.environ.get("DEDIFFUSION_JAX_CACHE", str(Path.home() / ".cache" / "dediffusion_jax"))
+        if cache != "off" and jax.process_count() == 1:
+            jax.config.update("jax_compilation_cache_dir", str(Path(cache) / "jax_compilation_cache"))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         result["rc"] = run_training(flags_.config, flags_.workdir)
 
     # config_flags finds the --config.KEY overrides in sys.argv at parse time (not in app.run's argv).

@@ -100,8 +100,12 @@ def build_parts(config: ml_collections.ConfigDict, decoder: Decoder) -> Parts:
 # Data
 
 
-def make_data(config: ml_collections.ConfigDict, decoder: Decoder) -> pipeline.Dataset:
-    """The per-process pipeline of config.data (a miniworld:SPLIT or any sources.py spec)."""
+def make_data(config: ml_collections.ConfigDict, decoder: Decoder, *,
+              process_index: int | None = None, process_count: int | None = None) -> pipeline.Dataset:
+    """The per-process pipeline of config.data (a miniworld:SPLIT or any sources.py spec).
+
+    process_index/process_count default to this process's; pass them to build another host's shard.
+    """
     spec = str(config.data.source)
     if not spec:
         raise ValueError("config.data.source is empty; set e.g. --config.data.source=folder:/images\n"
@@ -118,7 +122,8 @@ def make_data(config: ml_collections.ConfigDict, decoder: Decoder) -> pipeline.D
     return pipeline.make_dataset(
         source, global_batch_size=int(config.batch_size), seed=int(config.seed),
         shuffle=bool(config.data.shuffle), worker_count=int(config.data.worker_count),
-        read_threads=int(config.data.read_threads), preprocess_fn=preprocess_fn)
+        read_threads=int(config.data.read_threads), preprocess_fn=preprocess_fn,
+        process_index=process_index, process_count=process_count)
 
 
 def device_fields(batch: dict[str, Any]) -> dict[str, np.ndarray]:
