@@ -153,8 +153,9 @@ class Trainer:
         new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
         return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
-    def step(self, state: dict) -> tuple[dict, dict]:
-        images, ids = batch_for_step(self.args.seed, int(state["step"]), self.args.batch, self.tokenizer)
+    def step(self, state: dict, step: int) -> tuple[dict, dict]:
+        """One step; `step` must equal state["step"] (passed so the host never waits to read it)."""
+        images, ids = batch_for_step(self.args.seed, step, self.args.batch, self.tokenizer)
         return self._step(state, jnp.asarray(images), jnp.asarray(ids))
 
     def decoder(self, params: Any) -> Decoder:
@@ -266,10 +267,13 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     last_save = time.time()
-    last_log = (time.time(), int(state["step"]))
-    while int(state["step"]) < args.steps and not stop["flag"]:
-        state, m = trainer.step(state)
-        step = int(state["step"])
+    step = int(state["step"])
+    last_log = (time.time(), step)
+    # The loop never waits on the device except to log: the next batch is prepared while the
+    # previous step runs (JAX dispatches asynchronously).
+    while step < args.steps and not stop["flag"]:
+        state, m = trainer.step(state, step)
+        step += 1
         if step % args.log_every == 0 or step == args.steps:
             now = time.time()
             rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
