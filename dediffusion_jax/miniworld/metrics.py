@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dediffusion_jax.evaluation.fid import fid_from_features
+
 from dediffusion_jax.miniworld import classifier as clf
 from dediffusion_jax.miniworld import scenes as S
 
@@ -64,22 +66,6 @@ def classifier_heldout_accuracy(params: clf.Params, n: int = 512, seed: int = 0)
     return score_images(params, S.images_of(idx), idx)
 
 
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets [N, F] (FID's formula).
-
-    tr sqrt(C_a C_b) is computed as tr sqrt(sqrt(C_a) C_b sqrt(C_a)), a symmetric PSD matrix, so only
-    symmetric eigendecompositions are needed (no scipy, no complex round-off).
-    """
-    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(ca)
-    sa = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = sa @ cb @ sa
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * tr_sqrt)
-
-
 def world_fid(
     params: clf.Params,
     images_a: np.ndarray,
@@ -99,4 +85,4 @@ def world_fid(
             out.append(clf.features(params, chunk, config)[: batch - pad])
         return np.concatenate(out)
 
-    return frechet_distance(feats(np.asarray(images_a, np.float32)), feats(np.asarray(images_b, np.float32)))
+    return fid_from_features(feats(np.asarray(images_a, np.float32)), feats(np.asarray(images_b, np.float32)))
