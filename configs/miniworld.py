@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
     c.optimizer.update(dict(name="adamw", b1=0.9, b2=0.999, weight_decay=0.01, grad_clip_norm=1.0,
                         eps=1e-8))
     c.lr.update(dict(schedule="warmup_cosine", peak=1e-3, end=1e-5, warmup_steps=100))
-    c.total_steps = int(args.get("steps", 1500))
+    c.total_steps = int(args.get("steps", 1000))  # ~10.5 min at the 1.6 steps/s measured on 2 cores
     c.batch_size = 32
     c.data.source = "miniworld:train"
     c.data.read_threads = 1

@@ -37,7 +37,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=0, help="training steps (0: the config's)")
     p.add_argument("--eval-scenes", type=int, default=256, help="held-out scenes to evaluate")
     p.add_argument("--ddim-steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=1.0, help="1.0: best measured for the current world decoder (assets/decoder/README.md)")
     p.add_argument("--decoder", default=str(DECODER_DIR))
     return p.parse_args(argv)
 
