@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     p.add_argument("--stop-after-minutes", type=float, default=0, help="save and stop (0 = no limit)")
     p.add_argument("--export", help="write the EMA decoder of the latest checkpoint to this folder")
+    p.add_argument("--gate-guidance", default="3", help="guidance scales of the gate evaluation, e.g. 1,1.5,2,3")
     args = p.parse_args(argv)
 
     workdir = Path(args.workdir)
@@ -252,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         info = {"steps": int(state["step"]), "args": vars(args), "train_wall_seconds": wall_before}
         if args.eval_every:
-            info["gate"] = evaluate_gate(trainer, state["ema"])
+            info["gate"] = {
+                w: evaluate_gate(trainer, state["ema"], guidance=float(w))
+                for w in args.gate_guidance.split(",")
+            }
             print(json.dumps(info["gate"]), flush=True)
         export(trainer, state["ema"], Path(args.export), info)
         return 0
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step}/{args.steps} loss {record['loss']:.4f} {rate:.2f} steps/s "
                   f"eta {eta_min:.0f} min", flush=True)
         if args.eval_every and step % args.eval_every == 0:
-            gate = evaluate_gate(trainer, state["ema"])
+            gate = evaluate_gate(trainer, state["ema"], guidance=float(args.gate_guidance.split(",")[0]))
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, "gate": gate}) + "\n")
             print(f"gate at step {step}: {json.dumps(gate)}", flush=True)
