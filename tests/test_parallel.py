@@ -308,7 +308,7 @@ _WORKER = textwrap.dedent("""
     import numpy as np
     import jax, jax.numpy as jnp
     from dediffusion_jax.parallel import mesh as mesh_lib, multihost
-    port, pid = sys.argv[1], int(sys.argv[2])
+    port, pid, result_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     assert multihost.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     mesh = mesh_lib.make_mesh({"data": -1})  # 2 processes x 4 devices
     full = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
@@ -317,8 +317,9 @@ _WORKER = textwrap.dedent("""
     total = jax.jit(lambda b: (b["x"].sum(), b["x"][:, 0]),
                     out_shardings=mesh_lib.replicated(mesh))(batch)
     multihost.sync_global_devices("done")
-    print("RESULT", jax.process_count(), jax.device_count(), batch["x"].shape,
-          float(total[0]), np.asarray(total[1]).tolist() == full[:, 0].tolist(), flush=True)
+    with open(result_file, "w") as f:  # a file, not stdout: gloo's C++ logging interleaves with it
+        print(jax.process_count(), jax.device_count(), batch["x"].shape,
+              float(total[0]), np.asarray(total[1]).tolist() == full[:, 0].tolist(), file=f)
     jax.distributed.shutdown()
 """)
 
@@ -332,7 +333,8 @@ def test_two_processes_assemble_one_global_batch(tmp_path):
     script.write_text(_WORKER)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], env=env,
+    results = [tmp_path / f"result_{i}.txt" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(results[i])], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     try:  # seconds when the machine is idle; generous for a loaded CI machine
@@ -341,7 +343,6 @@ def test_two_processes_assemble_one_global_batch(tmp_path):
         for p in procs:
             p.kill()
     expected_sum = float(np.arange(48).sum())
-    for p, out in zip(procs, outs):
+    for p, out, result in zip(procs, outs, results):
         assert p.returncode == 0, out
-        result = [line for line in out.splitlines() if line.startswith("RESULT")]
-        assert result == [f"RESULT 2 8 (16, 3) {expected_sum} True"], out
+        assert result.read_text() == f"2 8 (16, 3) {expected_sum} True\n", out
