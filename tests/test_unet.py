@@ -59,7 +59,9 @@ NO_MID = dict(
     block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
     cross_attention_dim=8, attention_head_dim=2,
 )
-CONFIGS = {"sd1": SD1, "sd2": SD2, "pixel": PIXEL, "no_mid": NO_MID}
+# (e) the pixel decoder with diffusers' "text" addition embedding (pooled text -> time embedding).
+PIXEL_TEXT = dict(PIXEL, addition_embed_type="text", addition_embed_type_num_heads=4)
+CONFIGS = {"sd1": SD1, "sd2": SD2, "pixel": PIXEL, "no_mid": NO_MID, "pixel_text": PIXEL_TEXT}
 TEXT_LEN = 7
 
 
@@ -183,6 +185,8 @@ def test_num_attention_heads_quirk():
         ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type"),
         ({"class_embed_type": "timestep"}, "class_embed_type = 'timestep'"),
         ({"addition_embed_type": "text_time"}, "addition_embed_type"),
+        ({"addition_embed_type": "text", "addition_embed_type_num_heads": 5},
+         "unet config: cross_attention_dim = 24 is not divisible by addition_embed_type_num_heads = 5"),
         ({"attention_type": "gated"}, "attention_type = 'gated'"),
         ({"only_cross_attention": True}, "only_cross_attention"),
         ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift"),
@@ -192,7 +196,9 @@ def test_num_attention_heads_quirk():
     ],
 )
 def test_unsupported_config_names_the_key(override, key):
-    with pytest.raises(ValueError, match=re.escape("unet config: unsupported " + key)):
+    if not key.startswith("unet config:"):
+        key = "unet config: unsupported " + key
+    with pytest.raises(ValueError, match=re.escape(key)):
         UNetConfig.from_dict(dict(SD1, **override))
 
 
@@ -253,3 +259,35 @@ def test_scalar_timestep_broadcasts_over_the_batch(cases):
                                torch.from_numpy(text)).sample.numpy().transpose(0, 2, 3, 1)
     out = _apply(case.config, case.params, sample, jnp.asarray(700), text)
     assert np.abs(out - ref).max() <= 1e-4
+
+
+# ------------------------------------------- project extension: attention_position_embedding
+
+
+def test_position_embedding_starts_as_the_stock_model_and_then_tells_cells_apart(cases):
+    """Zero-initialised, the extension computes exactly the stock (diffusers-equal) model; a non-zero
+    embedding changes the output, and the params it adds are the `pos_embed` of every transformer."""
+    case = _case(cases, "pixel_text")
+    cfg = dataclasses.replace(case.config, attention_position_embedding=True)
+    fresh = UNet2DConditionModel(cfg).init(jax.random.key(0), *dummy_inputs(cfg))["params"]
+    flat = convert.flax_to_torch(fresh)
+    extra = sorted(k for k in flat if k.endswith("pos_embed"))
+    assert extra == sorted(k.removesuffix("proj_in.weight") + "pos_embed" for k in convert.flax_to_torch(case.params)
+                           if re.search(r"attentions\.\d+\.proj_in\.weight$", k))
+    assert {k: v.shape for k, v in flat.items() if k not in extra} == {
+        k: v.shape for k, v in convert.flax_to_torch(case.params).items()}
+    params = convert.torch_to_flax({**convert.flax_to_torch(case.params),
+                                    **{k: np.zeros_like(flat[k]) for k in extra}}, fresh)
+    out = _apply(cfg, params, *case.inputs)
+    assert np.abs(out - case.reference).max() <= 1e-4
+    bumped = convert.torch_to_flax({**convert.flax_to_torch(case.params),
+                                    **{k: 0.5 * np.ones_like(flat[k]) for k in extra}}, fresh)
+    assert np.abs(_apply(cfg, bumped, *case.inputs) - out).max() > 1e-2
+
+
+def test_position_embedding_key_is_written_only_when_used():
+    stock = UNetConfig.from_dict(PIXEL)
+    assert "attention_position_embedding" not in stock.to_dict()
+    ext = dataclasses.replace(stock, attention_position_embedding=True)
+    assert ext.to_dict()["attention_position_embedding"] is True
+    assert UNetConfig.from_dict(ext.to_dict()) == ext

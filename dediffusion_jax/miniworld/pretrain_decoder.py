@@ -58,7 +58,15 @@ UNET_CONFIG = {
     "attention_head_dim": 4,  # diffusers' name; it is the number of heads
     "use_linear_projection": True,
     "cross_attention_dim": 128,
-    "norm_num_groups": 32,
+    # Pooled text added to the time embedding (diffusers' "text" addition): every ResBlock sees
+    # the whole prompt (background, which colours are present), not only the attention layers.
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 4,
+    # Project extension: learned positions on the attention tokens. Without it the first decoder
+    # (stock UNet, 6,500 steps) drew the right objects in the wrong cells: position words need
+    # queries that know where they are (the calibration's working prototype had this).
+    "attention_position_embedding": True,
+    "norm_num_groups": 8,  # 32 groups on 32 channels would be a per-channel (instance) norm
     "norm_eps": 1e-5,
     "flip_sin_to_cos": True,
     "freq_shift": 0,

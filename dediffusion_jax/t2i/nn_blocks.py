@@ -83,6 +83,45 @@ class TimestepEmbedding(nn.Module):
         return dense(self.time_embed_dim, self.dtype, name="linear_2")(h)
 
 
+class AttentionPooling(nn.Module):
+    """diffusers' `AttentionPooling` (from DeepFloyd IF): one query, the mean token plus a learned
+    offset, attends over [query; tokens]. Padding tokens are not masked, as in diffusers."""
+
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        dim_head = d // self.heads
+        pos = self.param("positional_embedding",
+                         lambda k: jax.random.normal(k, (1, d), jnp.float32) / math.sqrt(d))
+        cls = x.mean(axis=1, keepdims=True) + pos.astype(x.dtype)
+        tokens = jnp.concatenate([cls, x], axis=1)
+        q = dense(d, self.dtype, name="q_proj")(cls).reshape(b, 1, self.heads, dim_head)
+        k = dense(d, self.dtype, name="k_proj")(tokens).reshape(b, n + 1, self.heads, dim_head)
+        v = dense(d, self.dtype, name="v_proj")(tokens).reshape(b, n + 1, self.heads, dim_head)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(dim_head)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, d)
+
+
+class TextTimeEmbedding(nn.Module):
+    """diffusers' `TextTimeEmbedding` (`addition_embed_type="text"`): the text states pooled into one
+    vector that is added to the time embedding, so every ResBlock sees a summary of the prompt."""
+
+    time_embed_dim: int
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, text_states: jax.Array) -> jax.Array:
+        h = layer_norm(text_states.astype(self.dtype), "norm1")
+        h = AttentionPooling(self.heads, self.dtype, name="pool")(h)
+        h = dense(self.time_embed_dim, self.dtype, name="proj")(h)
+        return layer_norm(h, "norm2")
+
+
 # -------------------------------------------------------------------------------------------- resnet
 
 
@@ -236,6 +275,7 @@ class Transformer2DModel(nn.Module):
     norm_groups: int = 32
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    position_embedding: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -252,6 +292,9 @@ class Transformer2DModel(nn.Module):
             proj_in = conv(inner, 1, self.dtype, name="proj_in")
             proj_out = conv(c, 1, self.dtype, name="proj_out")
         y = proj_in(y).reshape(b, h * w, inner)
+        if self.position_embedding:  # project extension (see UNetConfig.attention_position_embedding)
+            pos = self.param("pos_embed", nn.initializers.zeros, (h * w, inner), jnp.float32)
+            y = y + pos.astype(y.dtype)
         for i in range(self.num_layers):
             y = BasicTransformerBlock(self.heads, dim_head, self.upcast_attention, self.dtype,
                                       name=f"transformer_blocks_{i}")(y, context)

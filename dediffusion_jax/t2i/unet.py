@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from dediffusion_jax.t2i.nn_blocks import (
     Downsample2D,
     ResnetBlock2D,
+    TextTimeEmbedding,
     TimestepEmbedding,
     Transformer2DModel,
     Upsample2D,
@@ -47,7 +48,7 @@ TORCH_IGNORE: tuple[str, ...] = ()
 _ONLY_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text"),
     "addition_time_embed_dim": (None,),
     "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
@@ -126,6 +127,15 @@ class UNetConfig:
     upcast_attention: bool = False
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    # diffusers' "text" addition embedding: the pooled text states are added to the time embedding.
+    addition_embed_type: str | None = None
+    addition_embed_type_num_heads: int = 64
+    # Project extension, not a diffusers option: a learned position embedding [H*W, C] (zero-init)
+    # added to the tokens of every transformer after proj_in, so attention queries know where they
+    # are. A decoder that uses it only runs at its trained resolution, and diffusers ignores the key
+    # and the `pos_embed` weights (it then computes a different model). Written to config.json only
+    # when true, so stock configs round-trip unchanged.
+    attention_position_embedding: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.down_block_types)
@@ -151,6 +161,10 @@ class UNetConfig:
                 raise _unsupported(key, k, "an odd positive int")
         if not isinstance(self.norm_num_groups, int) or isinstance(self.norm_num_groups, bool):
             raise _unsupported("norm_num_groups", self.norm_num_groups, "an int")
+        if self.addition_embed_type == "text" and self.cross_attention_dim % self.addition_embed_type_num_heads:
+            raise ValueError(
+                f"unet config: cross_attention_dim = {self.cross_attention_dim} is not divisible by "
+                f"addition_embed_type_num_heads = {self.addition_embed_type_num_heads}")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"unet config: block_out_channels {self.block_out_channels} are not "
@@ -227,8 +241,10 @@ class UNetConfig:
         out.update(
             act_fn="silu", only_cross_attention=False, dual_cross_attention=False,
             resnet_time_scale_shift="default", time_embedding_type="positional",
-            attention_type="default", class_embed_type=None, addition_embed_type=None,
+            attention_type="default", class_embed_type=None,
         )
+        if not self.attention_position_embedding:
+            del out["attention_position_embedding"]
         return out
 
 
@@ -246,6 +262,7 @@ class _Blocks(nn.Module):
     transformer_layers: int = 1
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    position_embedding: bool = False
     remat: bool = False
     dtype: Dtype = jnp.float32
 
@@ -256,7 +273,7 @@ class _Blocks(nn.Module):
     def transformer(self, name: str) -> nn.Module:
         cls = nn.remat(Transformer2DModel) if self.remat else Transformer2DModel
         return cls(self.heads, self.transformer_layers, self.groups, self.use_linear_projection,
-                   self.upcast_attention, self.dtype, name=name)
+                   self.upcast_attention, self.position_embedding, self.dtype, name=name)
 
 
 class DownBlock2D(_Blocks):
@@ -353,7 +370,9 @@ class UNet2DConditionModel(nn.Module):
         context = encoder_hidden_states.astype(self.dtype)
         common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps,
                       use_linear_projection=cfg.use_linear_projection,
-                      upcast_attention=cfg.upcast_attention, remat=self.remat, dtype=self.dtype)
+                      upcast_attention=cfg.upcast_attention,
+                      position_embedding=cfg.attention_position_embedding, remat=self.remat,
+                      dtype=self.dtype)
 
         # time
         b = sample.shape[0]
@@ -361,6 +380,9 @@ class UNet2DConditionModel(nn.Module):
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                    freq_shift=cfg.freq_shift)
         temb = TimestepEmbedding(cfg.time_embed_dim, self.dtype, name="time_embedding")(t_emb)
+        if cfg.addition_embed_type == "text":
+            temb = temb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
+                                            self.dtype, name="add_embedding")(context)
 
         # down
         x = sample.astype(self.dtype)
