@@ -3,7 +3,11 @@
     python -m dediffusion_jax.train --config configs/miniworld.py --workdir workdirs/miniworld
 
 Config arg (comma-separated): decoder=PATH (default: the committed world decoder), tokens=N
-(num_queries, N + 2 <= 16), depth=N (pooler blocks), punct (keep punctuation), steps=N.
+(num_queries, N + 2 <= 16), depth=N (pooler blocks), punct (keep punctuation), steps=N,
+data=DIR (read the world from the tfds dataset `mini_world` prepared in DIR by
+`python -m dediffusion_jax.miniworld.tfds_builder --data_dir DIR`, through the standard TfdsSource +
+Preprocessor path, instead of rendering scenes on the fly; the views are the same 16x16 images; DIR
+may not contain a comma).
 """
 
 import sys
@@ -39,6 +43,12 @@ def get_config(arg: str | None = None):
     c.total_steps = int(args.get("steps", 1000))  # ~10.5 min at the 1.6 steps/s measured on 2 cores
     c.batch_size = 32
     c.data.source = "miniworld:train"
+    if args.get("data"):
+        # Same views as MiniWorldViews: both are the 16x16 image in [-1, 1] (mean = std = 0.5 makes the
+        # backbone normalisation (x/255 - 0.5) / 0.5; a 16 -> 16 resize is an exact copy), no augmentation.
+        c.data.source = f"tfds:mini_world:train@{args['data']}"
+        c.data.preprocess.update(dict(augment=False, decoder_size=0,  # 0: the decoder's size (16)
+                                      backbone_mean=(0.5, 0.5, 0.5), backbone_std=(0.5, 0.5, 0.5)))
     c.data.read_threads = 1
     c.mesh.data = -1
     c.checkpoint.update(dict(every_steps=500, keep=2))

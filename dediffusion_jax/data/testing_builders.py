@@ -10,8 +10,9 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 from PIL import Image
+
+from dediffusion_jax.data.local_tfds import LocalCodePath, prepare_array_record
 
 NUM_EXAMPLES = {"train": 12, "validation": 5}
 
@@ -23,18 +24,11 @@ def tiny_image(i: int, size: tuple[int, int] = (20, 12)) -> Image.Image:
     return Image.fromarray(arr)
 
 
-class TinyCaptionedImages(tfds.core.GeneratorBasedBuilder):
+class TinyCaptionedImages(LocalCodePath, tfds.core.GeneratorBasedBuilder):
     """Like coco_captions: image, image/id, captions/text (2-3 per image), plus a label."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "test fixture"}
-
-    # tfds' default `code_path` touches `importlib_resources`, which is not installed in this venv
-    # (ModuleNotFoundError at download_and_prepare); the answer it would compute is just this file.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -60,7 +54,4 @@ class TinyCaptionedImages(tfds.core.GeneratorBasedBuilder):
 
 def build_tiny_captioned_images(data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
     """Prepares the tiny dataset in array_record format under data_dir; returns the builder."""
-    builder = TinyCaptionedImages(data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return builder
+    return prepare_array_record(TinyCaptionedImages, data_dir)
