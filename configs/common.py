@@ -34,9 +34,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.encoder = ml_collections.ConfigDict(dict(
         num_queries=75, pooler_blocks=5, pooler_width=1024, pooler_heads=16, mlp_ratio=4))
     # ABLATION: vocab.exclude_punctuation.
-    c.vocab = ml_collections.ConfigDict(dict(exclude_punctuation=True, exclude_tokens=()))
+    # only_tokens: when non-empty, the encoder may emit these vocabulary entries only.
+    c.vocab = ml_collections.ConfigDict(dict(exclude_punctuation=True, exclude_tokens=(), only_tokens=()))
     c.quantizer = ml_collections.ConfigDict(dict(
         hard=True, token_path="fused", rows_per_chunk=16,
+        # Not in the paper (0 = off): weight of a wav2vec-2.0-style slot-diversity term that keeps
+        # small from-scratch encoders from mapping every image to one text (train/model.py).
+        diversity_weight=0.0,
         temperature=ml_collections.ConfigDict(dict(schedule="exponential", start=2.0, end=0.3))))
 
     # optimizer.*, lr.*, total_steps: see dediffusion_jax/train/optimizer.py (paper defaults).

@@ -4,6 +4,8 @@
 
 Config arg (comma-separated): decoder=PATH (default: the committed world decoder), tokens=N
 (num_queries, N + 2 <= 16), depth=N (pooler blocks), punct (keep punctuation), steps=N,
+vocab=words|all (what the encoder may emit: the world's whole words and distractors (default) or
+every vocabulary entry), diversity=W (weight of the slot-diversity term; default 0, not in the paper),
 data=DIR (read the world from the tfds dataset `mini_world` prepared in DIR by
 `python -m dediffusion_jax.miniworld.tfds_builder --data_dir DIR`, through the standard TfdsSource +
 Preprocessor path, instead of rendering scenes on the fly; the views are the same 16x16 images; DIR
@@ -18,6 +20,9 @@ try:
 except ImportError:  # loaded by path from outside the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from configs import common
+
+from dediffusion_jax.miniworld.captions import WORLD_WORDS  # noqa: E402
+from dediffusion_jax.miniworld.tokenizer import DISTRACTORS  # noqa: E402
 
 DEFAULT_DECODER = "dediffusion_jax/miniworld/assets/decoder"
 
@@ -36,6 +41,16 @@ def get_config(arg: str | None = None):
                           pooler_blocks=int(args.get("depth", 2)),
                           pooler_width=128, pooler_heads=4, mlp_ratio=4))
     c.vocab.exclude_punctuation = "punct" not in args
+    # The world's language is its words plus distractors; the BPE pieces of its tokenizer exist only so
+    # that it is a real CLIP-layout BPE, and the decoder never saw them. vocab=words (default) lets the
+    # encoder emit whole words only (like CLIP's vocabulary, which is mostly whole words); vocab=all
+    # opens all 606 entries (minus punctuation) as the paper does with CLIP's.
+    vocab = args.get("vocab", "words")
+    if vocab not in ("words", "all"):
+        raise ValueError(f"configs/miniworld.py: vocab={vocab!r}; choose words or all")
+    if vocab == "words":
+        c.vocab.only_tokens = tuple(f"{w}</w>" for w in WORLD_WORDS + DISTRACTORS)
+    c.quantizer.diversity_weight = float(args.get("diversity", 0.0))
     c.quantizer.temperature.update(dict(schedule="exponential", start=2.0, end=0.3))
     c.optimizer.update(dict(name="adamw", b1=0.9, b2=0.999, weight_decay=0.01, grad_clip_norm=1.0,
                         eps=1e-8))

@@ -58,6 +58,10 @@ def test_exclusion_mask_specials_punctuation_and_extras(tokenizer):
     extra = q.vocabulary_exclusion_mask(tokenizer, False, ["dog</w>", ids["blue</w>"], "red square"])
     assert extra[[ids["dog</w>"], ids["blue</w>"], ids["red</w>"], ids["square</w>"]]].all()
     assert extra.sum() == only_specials.sum() + 4
+    only = q.vocabulary_exclusion_mask(tokenizer, True, ["dog</w>"], only_tokens=["red</w>", ids["dog</w>"], "a</w>"])
+    assert np.flatnonzero(~only).tolist() == sorted([ids["red</w>"], ids["a</w>"]])  # dog: excluded wins
+    with pytest.raises(ValueError, match="only_tokens not in the vocabulary"):
+        q.vocabulary_exclusion_mask(tokenizer, only_tokens=["zebra</w>"])
 
 
 def test_masked_ids_never_win_and_get_zero_probability(tokenizer):

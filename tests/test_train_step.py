@@ -215,3 +215,33 @@ def test_loss_falls_on_a_fixed_batch(built, decoder):
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     print(f"fixed-batch loss: first 10 steps {first:.4f} -> last 10 steps {last:.4f}")
     assert last < 0.97 * first
+
+
+def test_slot_usage_entropy_spans_constant_to_uniform_words(built):
+    """0 when every image gets the same word in every slot, 1 when the vocabulary is used uniformly."""
+    model, params, _ = built
+    width = params["vocab_head"]["dense"]["kernel"].shape[0]
+    head = {"kernel": jnp.zeros((width, model.encoder.config.vocab_size)),
+            "bias": jnp.zeros((model.encoder.config.vocab_size,))}
+    features = jnp.ones((BATCH, model.num_tokens, width))
+    uniform = {**params, "vocab_head": {"dense": head}}
+    assert float(model.slot_usage_entropy(uniform, features)) == pytest.approx(1.0, abs=1e-5)
+    allowed = np.flatnonzero(~model.exclusion_mask)
+    peaked = {**params, "vocab_head": {"dense": {**head, "bias": head["bias"].at[allowed[3]].set(100.0)}}}
+    assert float(model.slot_usage_entropy(peaked, features)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_diversity_weight_adds_the_term_and_its_gradient_is_finite(decoder):
+    config = tiny_config()
+    config.quantizer.diversity_weight = 0.5
+    model, init_params, _ = builders.build_model(config, decoder)
+    params = jax.jit(init_params)(jax.random.key(1))
+    frozen, batch, rng = {"decoder": decoder.params}, make_batch(), jax.random.key(2)
+    (loss, aux), grads = jax.value_and_grad(model.loss, has_aux=True)(
+        params, frozen, batch, rng, jnp.float32(1.0))
+    assert 0.0 < float(aux["slot_usage_entropy"]) < 1.0
+    np.testing.assert_allclose(loss, aux["denoising_loss"] + 0.5 * (1 - aux["slot_usage_entropy"]), rtol=1e-6)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    plain, _ = builders.build_model(tiny_config(), decoder)[:2]
+    np.testing.assert_allclose(plain.loss(params, frozen, batch, rng, jnp.float32(1.0))[0],
+                               aux["denoising_loss"], rtol=1e-6)

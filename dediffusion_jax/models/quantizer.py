@@ -82,7 +82,8 @@ def _is_punctuation_text(text: str | None) -> bool:
 
 
 def vocabulary_exclusion_mask(tokenizer: Any, exclude_punctuation: bool = True,
-                              extra_excluded_tokens: Iterable[str | int] = ()) -> np.ndarray:
+                              extra_excluded_tokens: Iterable[str | int] = (),
+                              only_tokens: Iterable[str | int] = ()) -> np.ndarray:
     """Boolean [V] mask, True = the encoder may never emit this token.
 
     Always excluded: every special token (bos/eos/pad/unk and `tokenizer.all_special_ids`), since the
@@ -90,8 +91,10 @@ def vocabulary_exclusion_mask(tokenizer: Any, exclude_punctuation: bool = True,
     stripping '</w>' and undoing CLIP's byte-level symbols) is only punctuation/symbol characters
     (unicode categories P* and S*), the paper's "all punctuation" (~6% of CLIP's vocabulary).
     `extra_excluded_tokens`: ids, exact vocabulary entries ("dog</w>"), or other strings, which are
-    tokenized and all their pieces excluded. Works with any tokenizer offering `get_vocab()` and
-    `len()` (transformers CLIPTokenizer, slow or fast).
+    tokenized and all their pieces excluded. `only_tokens` (ids or exact vocabulary entries), when
+    given, excludes every other entry too (e.g. a small world's whole words without its BPE pieces).
+    Works with any tokenizer offering `get_vocab()` and `len()` (transformers CLIPTokenizer, slow
+    or fast).
     """
     vocab: dict[str, int] = tokenizer.get_vocab()
     size = max(len(tokenizer), max(vocab.values()) + 1)
@@ -113,6 +116,14 @@ def vocabulary_exclusion_mask(tokenizer: Any, exclude_punctuation: bool = True,
             mask[vocab[item]] = True
         else:
             mask[tokenizer(item, add_special_tokens=False)["input_ids"]] = True
+    only = list(only_tokens)
+    if only:
+        unknown = [t for t in only if not isinstance(t, (int, np.integer)) and t not in vocab]
+        if unknown:
+            raise ValueError(f"only_tokens not in the vocabulary: {unknown[:5]}")
+        keep = np.zeros_like(mask)
+        keep[[int(t) if isinstance(t, (int, np.integer)) else vocab[t] for t in only]] = True
+        mask |= ~keep
     return mask
 
 

@@ -7,7 +7,7 @@ The config fields read here (see configs/*.py for full experiment files):
                          CLIPVisionModel layout); position embeddings are resized to image_size
   backbone.frozen        True: stop-gradient at its output and keep it out of the optimizer
   encoder.{num_queries, pooler_blocks, pooler_width, pooler_heads, mlp_ratio}
-  vocab.exclude_punctuation, vocab.exclude_tokens (list of strings or ids)
+  vocab.exclude_punctuation, vocab.exclude_tokens (list of strings or ids), vocab.only_tokens
   quantizer.hard         straight-through Gumbel (exact one-hot forward) or soft relaxation
   quantizer.token_path   'fused' (memory-lean) or 'soft' (reference)
   quantizer.temperature.{schedule, start, end}   over total_steps
@@ -59,6 +59,7 @@ def build_model(
         decoder.tokenizer,
         exclude_punctuation=bool(config.vocab.exclude_punctuation),
         extra_excluded_tokens=tuple(config.vocab.get("exclude_tokens", ()) or ()),
+        only_tokens=tuple(config.vocab.get("only_tokens", ()) or ()),
     )
     e = config.encoder
     enc_config = EncoderConfig(
@@ -80,6 +81,7 @@ def build_model(
         hard=bool(q.hard),
         token_path=str(q.token_path),
         rows_per_chunk=int(q.get("rows_per_chunk", 16)),
+        diversity_weight=float(q.get("diversity_weight", 0.0)),
     )
     size = int(config.backbone.image_size)
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)

@@ -50,6 +50,7 @@ class DeDiffusion:
     hard: bool = True
     token_path: str = "fused"
     rows_per_chunk: int = 16
+    diversity_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.token_path not in TOKEN_PATHS:
@@ -172,7 +173,29 @@ class DeDiffusion:
         pred = self.decoder.unet.apply({"params": frozen["decoder"]["unet"]}, x_t, t, states)
         target = schedules.training_target(schedule, x0, noise, t)
         per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
-        return jnp.mean(per_example), {"features": features}
+        denoising = jnp.mean(per_example)
+        aux = {"features": features, "denoising_loss": denoising}
+        if not self.diversity_weight:
+            return denoising, aux
+        aux["slot_usage_entropy"] = self.slot_usage_entropy(trainable, features)
+        return denoising + self.diversity_weight * (1.0 - aux["slot_usage_entropy"]), aux
+
+    def slot_usage_entropy(self, trainable: Any, features: Array) -> Array:
+        """How varied each slot's word is across the batch: the entropy of the batch-mean softmax of
+        each slot, averaged over slots, as a fraction of log(allowed vocabulary) (0 = every image gets
+        the same word, 1 = uniform use of the vocabulary).
+
+        Not in the paper. `diversity_weight * (1 - this)` is the codebook-diversity term of wav2vec 2.0,
+        an opt-in guard against the collapse seen when a small encoder is trained from scratch (every
+        image mapped to one constant text). It costs a dense [B, N, V] softmax, so keep it off at
+        V = 49,408 unless the batch per device is small.
+        """
+        logits = self.encoder.apply({"params": trainable}, features, method=lambda m, f: m.vocab_head(f))
+        mean_probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).mean(axis=0)  # [N, V]
+        safe = jnp.where(mean_probs > 0, mean_probs, 1.0)  # masked words: p = 0, no NaN gradient
+        entropy = -jnp.sum(mean_probs * jnp.log(safe), axis=-1)
+        allowed = int(self.encoder.config.vocab_size - self.exclusion_mask.sum())
+        return jnp.mean(entropy) / np.log(max(allowed, 2))
 
     def token_stats(self, trainable: Any, features: Array) -> dict[str, Array]:
         """Mean per-slot entropy (nats) and distinct argmax tokens over a few examples."""

@@ -79,6 +79,7 @@ def make_step_fn(
             "param_norm": optax.tree.norm(params),
             "update_norm": optax.tree.norm(updates),
             **model.token_stats(params, aux["features"]),
+            **{k: v for k, v in aux.items() if k != "features"},
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
