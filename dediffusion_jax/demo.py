@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         config.decoder.path = str(decoder_dir)
         if args.steps:
             config.total_steps = args.steps
+            config.lr.warmup_steps = min(int(config.lr.warmup_steps), args.steps // 10)
 
     _say(f"[1/3] training De-Diffusion on world images ({config.total_steps} steps, batch "
          f"{config.batch_size}, {config.encoder.num_queries} tokens) in {workdir}")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = evaluate_world.markdown_table(rows)
     lines = [
-        f"Held-out scenes: {len(indices)}; decoder {decoder_dir.name}; {args.ddim_steps} DDIM steps, "
+        f"Held-out scenes: {len(indices)}; decoder {decoder_dir}; {args.ddim_steps} DDIM steps, "
         f"guidance {args.guidance}; world-FID = Fréchet distance in the attribute classifier's "
         "feature space vs the original scenes.",
         "",
@@ -123,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['shapes_recall']:.3f} | {s['rows_recall']:.3f} | {s['cols_recall']:.3f} | "
             f"{s['backgrounds_recall']:.3f} |"
         )
-    lines += ["", "Examples (ground truth | short caption | De-Diffusion text):", ""]
-    for i in range(6):
+    distinct = len(set(dd_texts))
+    lines += ["", f"Distinct De-Diffusion texts: {distinct} of {len(dd_texts)} scenes"
+              + (" (collapsed: the encoder writes one text for every image)" if distinct == 1 else ""),
+              "", "Examples (ground truth | short caption | De-Diffusion text):", ""]
+    for i in range(min(6, len(indices))):
         scene = scenes.scene_from_index(int(indices[i]))
         lines.append(f"- `{captions.full_caption(scene)}` | `{captions.short_caption(scene)}` | "
                      f"`{dd_texts[i]}`")
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     _say("\n" + report + f"\n\nreconstruction grid: {grid}")
     (workdir / "results.md").write_text(report + "\n")
     (workdir / "results.json").write_text(json.dumps(
-        {"rows": rows, "text_statistics": stats, "texts": dd_texts[:32],
+        {"rows": rows, "text_statistics": stats, "texts": dd_texts[:32], "distinct_texts": distinct,
          "config": json.loads(config.to_json_best_effort()), "eval_scenes": len(indices),
          "ddim_steps": args.ddim_steps, "guidance": args.guidance}, indent=2) + "\n")
     _say(f"demo finished in {(time.time() - start) / 60:.1f} min")

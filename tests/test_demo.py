@@ -1,0 +1,38 @@
+"""`make demo` in miniature: a few training steps, a few held-out scenes, every output written."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from dediffusion_jax import demo
+from dediffusion_jax.miniworld import scenes
+
+SOURCES = ["De-Diffusion text", "full caption (upper ref.)", "short caption", "short caption + background",
+           "empty text (lower ref.)"]
+
+
+def test_reduced_demo_writes_the_table_text_statistics_examples_and_grid(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    assert demo.main(["--workdir", str(workdir), "--steps", "3", "--eval-scenes", "8",
+                      "--ddim-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("[1/3] training", "[2/3] encoding 8 held-out scenes", "[3/3] redrawing",
+                   "Distinct De-Diffusion texts:", "demo finished in"):
+        assert needle in out, needle
+
+    results = json.loads((workdir / "results.json").read_text())
+    assert list(results["rows"]) == SOURCES
+    for row in results["rows"].values():
+        assert 0.0 <= row["colour"] <= 1.0 and row["world_fid"] >= 0.0
+    assert set(results["text_statistics"]) == {"De-Diffusion text", "short caption"}
+    assert len(results["texts"]) == 8 and 1 <= results["distinct_texts"] <= 8
+    full = results["rows"]["full caption (upper ref.)"]
+    assert full["background"] >= 0.75  # the committed decoder follows the full caption's background
+
+    report = (workdir / "results.md").read_text()
+    assert report.count("\n| ") >= len(SOURCES) + 2 and "Examples (ground truth" in report
+    grid = Image.open(workdir / "reconstructions.png")
+    assert grid.height >= 8 * scenes.IMAGE_SIZE and grid.width >= 4 * scenes.IMAGE_SIZE
+    assert (workdir / "checkpoints" / "3").is_dir()
