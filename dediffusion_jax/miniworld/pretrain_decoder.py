@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    if not args.export:  # the training run's record; an export must not overwrite it
+        (workdir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     trainer = Trainer(args)
     manager = _checkpoint_manager(workdir)
     state = trainer.init_state()
@@ -259,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     wall_before = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else 0.0
 
     if args.export:
-        info = {"steps": int(state["step"]), "args": vars(args), "train_wall_seconds": wall_before}
+        args_path = workdir / "args.json"  # the (last) training invocation's arguments
+        train_args = json.loads(args_path.read_text()) if args_path.exists() else None
+        info = {"steps": int(state["step"]), "args": train_args, "train_wall_seconds": wall_before}
         if args.eval_every:
             info["gate"] = {
                 w: evaluate_gate(trainer, state["ema"], guidance=float(w))
