@@ -245,3 +245,18 @@ def test_diversity_weight_adds_the_term_and_its_gradient_is_finite(decoder):
     plain, _ = builders.build_model(tiny_config(), decoder)[:2]
     np.testing.assert_allclose(plain.loss(params, frozen, batch, rng, jnp.float32(1.0))[0],
                                aux["denoising_loss"], rtol=1e-6)
+
+
+def test_sharded_steps_with_the_diversity_term_match_one_device(decoder):
+    """The diversity term averages over the whole (sharded) batch: 4 x 2 devices must agree with one."""
+    config = tiny_config()
+    config.quantizer.diversity_weight = 0.1
+    model, init_params, _ = builders.build_model(config, decoder)
+    frozen = {"decoder": decoder.params}
+    single, losses1, m1, _ = _run_steps(model, init_params, frozen,
+                                        make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    sharded, losses8, m8, _ = _run_steps(model, init_params, frozen, make_mesh({"data": 4, "fsdp": 2}))
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+    np.testing.assert_allclose(float(m8["slot_usage_entropy"]), float(m1["slot_usage_entropy"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
