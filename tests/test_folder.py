@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -85,6 +86,20 @@ def test_load_reads_configs_and_geometry(reference):
     else:
         assert decoder.sample_shape == (16, 16, 3) and decoder.image_size == 16
     assert decoder.schedule.prediction_type == models["scheduler"].config.prediction_type
+
+
+def test_float16_weights_halve_the_files_and_load_back_as_float32(reference, tmp_path):
+    family, root, _, decoder = reference
+    half = save_decoder(decoder, tmp_path / "half", weights_dtype=np.float16)
+    full = save_decoder(decoder, tmp_path / "full")
+    unet_file = "unet/diffusion_pytorch_model.safetensors"
+    assert (half / unet_file).stat().st_size < 0.55 * (full / unet_file).stat().st_size
+    again = load_decoder(half)
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(decoder.params)):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="weights_dtype must be float32 or float16"):
+        save_decoder(decoder, tmp_path / "bad", weights_dtype=np.int8)
 
 
 @pytest.mark.parity

@@ -159,7 +159,7 @@ class Trainer:
         decay = jnp.minimum(0.999, (1.0 + n) / (10.0 + n))
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
         new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def step(self, state: dict, step: int) -> tuple[dict, dict]:
         """One step; `step` must equal state["step"] (passed so the host never waits to read it)."""
@@ -217,10 +217,14 @@ def evaluate_gate(trainer: Trainer, params: Any, num_scenes: int = 128, guidance
     return metrics.score_images(clf_params, as_float, idx, clf_config)
 
 
-def export(trainer: Trainer, params: Any, out: Path, info: dict) -> None:
-    save_decoder(trainer.decoder(params), out)
+def export(trainer: Trainer, params: Any, out: Path, info: dict, weights_dtype: str = "float16") -> Any:
+    """Writes the decoder folder; returns the params as loaded back from it (what users will get)."""
+    from dediffusion_jax.t2i.folder import load_decoder
+
+    save_decoder(trainer.decoder(params), out, weights_dtype=np.dtype(weights_dtype))
     (out / "TRAINING.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    print(f"exported decoder to {out}")
+    print(f"exported decoder ({weights_dtype} weights) to {out}", flush=True)
+    return load_decoder(out).params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     p.add_argument("--stop-after-minutes", type=float, default=0, help="save and stop (0 = no limit)")
     p.add_argument("--export", help="write the EMA decoder of the latest checkpoint to this folder")
+    p.add_argument("--export-dtype", default="float16", choices=("float16", "float32"),
+                   help="weights dtype of the exported folder (float16 halves it; loading upcasts)")
     p.add_argument("--gate-guidance", default="3", help="guidance scales of the gate evaluation, e.g. 1,1.5,2,3")
     args = p.parse_args(argv)
 
@@ -262,14 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         args_path = workdir / "args.json"  # the (last) training invocation's arguments
         train_args = json.loads(args_path.read_text()) if args_path.exists() else None
-        info = {"steps": int(state["step"]), "args": train_args, "train_wall_seconds": wall_before}
-        if args.eval_every:
+        info = {"steps": int(state["step"]), "args": train_args, "train_wall_seconds": wall_before,
+                "weights_dtype": args.export_dtype}
+        out = Path(args.export)
+        exported = export(trainer, state["ema"], out, info, args.export_dtype)
+        if args.eval_every:  # the gate of the exported (e.g. float16) weights, as users load them
             info["gate"] = {
-                w: evaluate_gate(trainer, state["ema"], guidance=float(w))
+                w: evaluate_gate(trainer, exported, guidance=float(w))
                 for w in args.gate_guidance.split(",")
             }
             print(json.dumps(info["gate"]), flush=True)
-        export(trainer, state["ema"], Path(args.export), info)
+            (out / "TRAINING.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         return 0
 
     stop = {"flag": False}

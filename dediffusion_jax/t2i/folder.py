@@ -179,7 +179,9 @@ def _load_component(
     params = convert.torch_to_flax(
         state, abstract_params(module, inputs), source=str(component_dir), **kw
     )
-    return jax.tree_util.tree_map(jnp.asarray, params)
+    # Half-precision checkpoints (SD "fp16" variants, our float16 world decoder) are upcast: params
+    # always live in float32, the compute dtype is the Decoder's `dtype`.
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
 def _config_from(cls: Any, path: Path) -> Any:
@@ -288,7 +290,8 @@ def load_decoder(path: str | Path, *, dtype: Any = jnp.float32, load_vae: bool =
 # Writing
 
 
-def _write_component(directory: Path, config: dict, params: Any, weights_name: str) -> None:
+def _write_component(directory: Path, config: dict, params: Any, weights_name: str,
+                     dtype: Any = np.float32) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     # A shard index left by an earlier sharded checkpoint would take precedence over the single
     # file written here (for our reader and for diffusers/transformers): remove it and its shards.
@@ -298,13 +301,18 @@ def _write_component(directory: Path, config: dict, params: Any, weights_name: s
         index.unlink()
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = {
-        k: np.ascontiguousarray(v, dtype=np.float32) for k, v in convert.flax_to_torch(params).items()
+        k: np.ascontiguousarray(v, dtype=dtype) for k, v in convert.flax_to_torch(params).items()
     }
     safetensors.numpy.save_file(tensors, str(directory / weights_name), metadata={"format": "pt"})
 
 
-def save_decoder(decoder: Decoder, path: str | Path) -> Path:
-    """Writes `decoder` as a diffusers-format folder that diffusers/transformers (PyTorch) load."""
+def save_decoder(decoder: Decoder, path: str | Path, *, weights_dtype: Any = np.float32) -> Path:
+    """Writes `decoder` as a diffusers-format folder that diffusers/transformers (PyTorch) load.
+
+    `weights_dtype=np.float16` halves the files (loading upcasts to float32 again).
+    """
+    if np.dtype(weights_dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ValueError(f"weights_dtype must be float32 or float16, got {weights_dtype}")
     import diffusers
 
     root = Path(path).expanduser()
@@ -331,12 +339,14 @@ def save_decoder(decoder: Decoder, path: str | Path) -> Path:
         decoder.text_config.to_dict(),
         decoder.params["text_encoder"],
         "model.safetensors",
+        weights_dtype,
     )
     _write_component(
         root / "unet",
         decoder.unet_config.to_dict(),
         decoder.params["unet"],
         "diffusion_pytorch_model.safetensors",
+        weights_dtype,
     )
     if latent:
         if "vae" not in decoder.params:
@@ -346,6 +356,7 @@ def save_decoder(decoder: Decoder, path: str | Path) -> Path:
             decoder.vae_config.to_dict(),
             decoder.params["vae"],
             "diffusion_pytorch_model.safetensors",
+            weights_dtype,
         )
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(
