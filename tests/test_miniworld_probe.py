@@ -1,0 +1,20 @@
+"""The decoder probe: the committed world decoder reads its captions (teacher-forced, no sampling)."""
+
+from __future__ import annotations
+
+from dediffusion_jax.miniworld import probe, scenes
+from dediffusion_jax.t2i.folder import load_decoder
+
+
+def test_the_committed_decoder_gains_from_the_background_and_more_from_the_full_caption():
+    decoder = load_decoder(probe.DEFAULT_DECODER)
+    indices = scenes.split_indices("heldout")[:32]
+    texts = {k: probe.PROBE_TEXTS[k] for k in ("empty", "background phrase", "full caption")}
+    loss = probe.probe(decoder, indices, texts, draws=4)
+    assert loss["full caption"] < loss["background phrase"] < loss["empty"]
+
+
+def test_cli_prints_a_row_per_text(capsys):
+    assert probe.main(["--scenes", "4", "--draws", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n| ") == len(probe.PROBE_TEXTS) + 1  # rows + the separator line
