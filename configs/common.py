@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
         diversity_weight=0.0,
         temperature=ml_collections.ConfigDict(dict(schedule="exponential", start=2.0, end=0.3))))
 
+    # The denoising loss. timestep_range: the fractions [lo, hi) of the decoder's training timesteps
+    # the loss samples from, uniformly (the paper: one random noise level per sample, the whole range).
+    c.loss = ml_collections.ConfigDict(dict(timestep_range=(0.0, 1.0)))
+
     # optimizer.*, lr.*, total_steps: see dediffusion_jax/train/optimizer.py (paper defaults).
     opt = optimizer_lib.default_config()
     c.optimizer = opt.optimizer

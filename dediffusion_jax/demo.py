@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _say(f"[2/3] encoding {args.eval_scenes} held-out scenes to De-Diffusion text")
     config, model, trainable, frozen = checkpoint.load_for_inference(workdir)
-    indices = scenes.split_indices("heldout")[: args.eval_scenes]
+    indices = scenes.evaluation_indices(args.eval_scenes)
     images = scenes.images_of(indices)
     token_ids = jax.jit(model.token_ids)(trainable, frozen, images)
     dd_texts = model.texts(np.asarray(token_ids))

@@ -18,3 +18,11 @@ def test_cli_prints_a_row_per_text(capsys):
     assert probe.main(["--scenes", "4", "--draws", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n| ") == len(probe.PROBE_TEXTS) + 1  # rows + the separator line
+
+
+def test_position_swapped_texts_exchange_only_those_words():
+    scene = scenes.scene_from_index(int(scenes.split_indices("heldout")[0]))
+    full = probe.PROBE_TEXTS["full caption"](scene).split()
+    swapped = probe.PROBE_TEXTS["full, left/right swapped"](scene).split()
+    exchange = {"left": "right", "right": "left"}
+    assert swapped == [exchange.get(w, w) for w in full] and swapped != full

@@ -153,6 +153,15 @@ def test_sample_timesteps_are_uniform_ints_in_range():
     assert counts.min() > 400 and np.asarray(t).max() == 9 and np.asarray(t).min() == 0
 
 
+def test_sample_timesteps_can_be_restricted_to_a_fraction_of_the_range():
+    s = S.NoiseSchedule(num_train_timesteps=1000)
+    t = np.asarray(S.sample_timesteps(jax.random.PRNGKey(0), 5000, s, (0.5, 1.0)))
+    assert t.min() == 500 and t.max() == 999
+    for empty_or_outside in [(0.5, 0.5), (-0.1, 1.0), (0.2, 1.1), (0.9996, 1.0)]:
+        with pytest.raises(ValueError, match="timestep fraction range"):
+            S.timestep_bounds(s, empty_or_outside)
+
+
 # ---------------------------------------------------------------------------------------------
 # DDIM
 # ---------------------------------------------------------------------------------------------

@@ -54,15 +54,40 @@ def short_caption_with_background(scene: Scene) -> str:
     return SEGMENT_SEP.join([short_caption(scene), background_segment(scene)])
 
 
-def training_caption(scene: Scene, rng: np.random.Generator) -> str:
+def word_soup_caption(scene: Scene, rng: np.random.Generator, fillers: tuple[str, ...] = (),
+                      max_words: int = 12, p_filler: float = 0.2) -> str:
+    """The scene's caption words drawn with replacement, in random order, some replaced by fillers.
+
+    This is the kind of text De-Diffusion writes (a bag of words with repeats, no grammar). A decoder
+    that has only seen grammatical captions punishes such text (the v2 world decoder's loss on "red" x 12
+    was 0.104 vs 0.075 for empty text), so an encoder exploring words is pushed back to neutral
+    filler; soups teach the decoder to read every right word as evidence, whatever the order.
+    """
+    words = " ".join(object_segments(scene) + [background_segment(scene)]).split()
+    n = int(rng.integers(1, max_words + 1))
+    picked = [str(w) for w in rng.choice(words, size=n, replace=True)]
+    if fillers:
+        swap = rng.random(n) < p_filler
+        picked = [str(rng.choice(fillers)) if s else w for w, s in zip(picked, swap)]
+    return " ".join(picked)
+
+
+def training_caption(scene: Scene, rng: np.random.Generator, p_soup: float = 0.0,
+                     fillers: tuple[str, ...] = ()) -> str:
     """A caption from the decoder pre-training mix: 10% empty, 60% full, 10% shuffled, 20% partial.
 
     Empty captions train the unconditional branch for guidance; shuffled and partial ones teach the
     decoder to read each segment on its own, so De-Diffusion text need not follow the caption grammar.
+    With `p_soup` > 0 that fraction becomes `word_soup_caption` and the non-empty kinds shrink in
+    proportion (p_soup = 0 draws exactly the same captions as before the option existed).
     """
     u = rng.random()
     if u < P_EMPTY:
         return ""
+    if p_soup:
+        if u < P_EMPTY + p_soup:
+            return word_soup_caption(scene, rng, fillers)
+        u = P_EMPTY + (u - P_EMPTY - p_soup) * (1.0 - P_EMPTY) / (1.0 - P_EMPTY - p_soup)
     if u < P_EMPTY + P_FULL:
         return full_caption(scene)
     if u < P_EMPTY + P_FULL + P_SHUFFLED:

@@ -77,7 +77,10 @@ SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "v_prediction",
-    "clip_sample": True,
+    # No x0 clipping (as Stable Diffusion): DDIMScheduler clips x0 but keeps the unclipped eps, and
+    # with guidance that mismatch wrecked this decoder's samples (w=3, 64 held-out scenes: background
+    # 0.52 and colour 0.13 with clipping, 0.95 and 0.63 without; docs/miniworld.md).
+    "clip_sample": False,
     "clip_sample_range": 1.0,
     "set_alpha_to_one": True,
     "steps_offset": 0,
@@ -99,11 +102,13 @@ def build_configs(tokenizer: Any) -> tuple[Any, Any, Any]:
     return text, unet.UNetConfig.from_dict(UNET_CONFIG), schedules.NoiseSchedule.from_dict(SCHEDULER_CONFIG)
 
 
-def batch_for_step(seed: int, step: int, batch: int, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Images [B,16,16,3] and caption ids [B,L] of one step: a pure function of (seed, step)."""
+def batch_for_step(seed: int, step: int, batch: int, tokenizer: Any,
+                   p_soup: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Images [B,16,16,3] and caption ids [B,L] of one step: a pure function of (seed, step, p_soup)."""
     rng = np.random.default_rng([seed, step])
     images, batch_scenes = scenes.sample_batch(rng, batch, "train")
-    texts = [captions.training_caption(s, rng) for s in batch_scenes]
+    fillers = world_tokenizer.DISTRACTORS
+    texts = [captions.training_caption(s, rng, p_soup, fillers) for s in batch_scenes]
     return images, world_tokenizer.encode(tokenizer, texts)
 
 
@@ -163,7 +168,8 @@ class Trainer:
 
     def step(self, state: dict, step: int) -> tuple[dict, dict]:
         """One step; `step` must equal state["step"] (passed so the host never waits to read it)."""
-        images, ids = batch_for_step(self.args.seed, step, self.args.batch, self.tokenizer)
+        images, ids = batch_for_step(self.args.seed, step, self.args.batch, self.tokenizer,
+                                     self.args.soup_fraction)
         return self._step(state, jnp.asarray(images), jnp.asarray(ids))
 
     def decoder(self, params: Any) -> Decoder:
@@ -207,7 +213,7 @@ def evaluate_gate(trainer: Trainer, params: Any, num_scenes: int = 128, guidance
     from dediffusion_jax.miniworld import classifier, metrics
     from dediffusion_jax.t2i import pipeline
 
-    idx = scenes.split_indices("heldout")[:num_scenes]
+    idx = scenes.evaluation_indices(num_scenes)
     texts = [captions.full_caption(scenes.scene_from_index(int(i))) for i in idx]
     images = pipeline.generate(
         trainer.decoder(params), texts, num_steps=25, guidance_scale=guidance, seed=1234, batch_size=64
@@ -236,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-end", type=float, default=2e-5)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--soup-fraction", type=float, default=0.0,
+                   help="fraction of word-soup captions (captions.word_soup_caption); v3 fine-tuned with 0.25")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=2000, help="gate evaluation period (0 = never)")
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
@@ -250,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if not args.export:  # the training run's record; an export must not overwrite it
         (workdir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        with (workdir / "args_history.jsonl").open("a") as f:  # every invocation (e.g. a fine-tune phase)
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **vars(args)}) + "\n")
     trainer = Trainer(args)
     manager = _checkpoint_manager(workdir)
     state = trainer.init_state()
@@ -268,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         args_path = workdir / "args.json"  # the (last) training invocation's arguments
         train_args = json.loads(args_path.read_text()) if args_path.exists() else None
-        info = {"steps": int(state["step"]), "args": train_args, "train_wall_seconds": wall_before,
-                "weights_dtype": args.export_dtype}
+        history_path = workdir / "args_history.jsonl"  # every training phase (e.g. a fine-tune)
+        history = ([json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+                   if history_path.exists() else None)
+        info = {"steps": int(state["step"]), "args": train_args, "args_history": history,
+                "train_wall_seconds": wall_before, "weights_dtype": args.export_dtype}
         out = Path(args.export)
         exported = export(trainer, state["ema"], out, info, args.export_dtype)
         if args.eval_every:  # the gate of the exported (e.g. float16) weights, as users load them

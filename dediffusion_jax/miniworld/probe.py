@@ -34,6 +34,20 @@ def _bg_word(s: scenes.Scene) -> str:
     return captions.background_segment(s).split()[0]
 
 
+def _swapped(a: str, b: str) -> TextsFn:
+    """The full caption with words a and b exchanged: does the decoder read that distinction?"""
+
+    def fn(s: scenes.Scene) -> str:
+        return " ".join(b if w == a else a if w == b else w for w in captions.full_caption(s).split())
+
+    return fn
+
+
+def _sorted_words(s: scenes.Scene) -> str:
+    """The full caption's words (no commas) in alphabetical order: a bag of the right words."""
+    return " ".join(sorted(w for w in captions.full_caption(s).split() if w != ","))
+
+
 PROBE_TEXTS: dict[str, TextsFn] = {
     "empty": lambda s: "",
     '"right" x 12': lambda s: " ".join(["right"] * 12),
@@ -43,6 +57,11 @@ PROBE_TEXTS: dict[str, TextsFn] = {
     "short caption": captions.short_caption,
     "short + background": lambda s: f"{captions.short_caption(s)}{captions.SEGMENT_SEP}{captions.background_segment(s)}",
     "full caption": captions.full_caption,
+    # Equal to the full caption's loss = the decoder ignores that pair of position words.
+    "full, top/bottom swapped": _swapped("top", "bottom"),
+    "full, left/right swapped": _swapped("left", "right"),
+    # A bag of the right words without the caption's order: can the decoder read De-Diffusion-like text?
+    "full caption's words, sorted": _sorted_words,
 }
 
 
@@ -79,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draws", type=int, default=8, help="(t, noise) draws per scene")
     args = p.parse_args(argv)
     decoder = load_decoder(args.decoder)
-    indices = scenes.split_indices("heldout")[: args.scenes]
+    indices = scenes.evaluation_indices(args.scenes)
     result = probe(decoder, indices, draws=args.draws)
     print(f"teacher-forced v-MSE of {args.decoder} on {len(indices)} held-out scenes x {args.draws} draws")
     print("| text | v-MSE |\n|---|---|")

@@ -198,6 +198,16 @@ def _split_sampler(split: Split) -> tuple[np.ndarray, np.ndarray]:
     return idx, cdf
 
 
+def evaluation_indices(n: int | None = None) -> np.ndarray:
+    """The first `n` held-out scenes in a fixed shuffled order (all of them for None).
+
+    The held-out split in index order starts with white and black backgrounds only, so a prefix of it
+    is a biased sample; every evaluation (demo, gate, probe) takes a prefix of this order instead.
+    """
+    order = np.random.default_rng(0).permutation(split_indices("heldout"))
+    return order if n is None else order[:n]
+
+
 def sample_indices(rng: np.random.Generator, batch: int, split: Split = "train") -> np.ndarray:
     """Scene indices drawn from the generative distribution restricted to `split`."""
     idx, cdf = _split_sampler(split)

@@ -198,9 +198,29 @@ def predict_x0_and_eps(
     return model_output, (x_t - sa * model_output) / sb
 
 
-def sample_timesteps(rng: jax.Array, batch: int, schedule: NoiseSchedule) -> jax.Array:
-    """Training timesteps: uniform int32 in [0, num_train_timesteps), shape [batch]."""
-    return jax.random.randint(rng, (batch,), 0, schedule.num_train_timesteps, dtype=jnp.int32)
+def sample_timesteps(
+    rng: jax.Array, batch: int, schedule: NoiseSchedule, fraction_range: tuple[float, float] = (0.0, 1.0)
+) -> jax.Array:
+    """Training timesteps: uniform int32 in [0, num_train_timesteps), shape [batch].
+
+    `fraction_range` (lo, hi) restricts them to [lo * T, hi * T): the decoder's own pre-training uses
+    the whole range; an encoder trained through a frozen decoder may skip the low-noise steps, where the
+    text barely changes the prediction (docs/miniworld.md, "Timesteps").
+    """
+    lo, hi = timestep_bounds(schedule, fraction_range)
+    return jax.random.randint(rng, (batch,), lo, hi, dtype=jnp.int32)
+
+
+def timestep_bounds(schedule: NoiseSchedule, fraction_range: tuple[float, float]) -> tuple[int, int]:
+    """Integer [lo, hi) of a fraction range of the training timesteps; raises on an empty range."""
+    lo_f, hi_f = (float(x) for x in fraction_range)
+    if not 0.0 <= lo_f < hi_f <= 1.0:
+        raise ValueError(f"timestep fraction range {fraction_range} must satisfy 0 <= lo < hi <= 1")
+    T = schedule.num_train_timesteps
+    lo, hi = int(round(lo_f * T)), int(round(hi_f * T))
+    if hi <= lo:
+        raise ValueError(f"timestep fraction range {fraction_range} holds no timestep of {T}")
+    return lo, hi
 
 
 def ddim_timesteps(schedule: NoiseSchedule, num_inference_steps: int) -> np.ndarray:

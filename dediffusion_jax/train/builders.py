@@ -82,6 +82,7 @@ def build_model(
         token_path=str(q.token_path),
         rows_per_chunk=int(q.get("rows_per_chunk", 16)),
         diversity_weight=float(q.get("diversity_weight", 0.0)),
+        timestep_range=tuple(float(x) for x in config.get("loss", {}).get("timestep_range", (0.0, 1.0))),
     )
     size = int(config.backbone.image_size)
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)

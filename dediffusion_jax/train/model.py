@@ -51,8 +51,10 @@ class DeDiffusion:
     token_path: str = "fused"
     rows_per_chunk: int = 16
     diversity_weight: float = 0.0
+    timestep_range: tuple[float, float] = (0.0, 1.0)  # fractions of the decoder's training timesteps
 
     def __post_init__(self) -> None:
+        schedules.timestep_bounds(self.decoder.schedule, self.timestep_range)  # fail at build time
         if self.token_path not in TOKEN_PATHS:
             raise ValueError(f"quantizer.token_path={self.token_path!r}; choose one of {TOKEN_PATHS}")
         context = self.decoder.context_length
@@ -167,7 +169,7 @@ class DeDiffusion:
         states, features = self.text_states(trainable, frozen, batch["backbone"], k_gumbel, temperature)
         x0 = jax.lax.stop_gradient(self.clean_sample(frozen, batch, k_vae)).astype(jnp.float32)
         schedule = self.decoder.schedule
-        t = schedules.sample_timesteps(k_t, x0.shape[0], schedule)
+        t = schedules.sample_timesteps(k_t, x0.shape[0], schedule, self.timestep_range)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
         x_t = schedules.add_noise(schedule, x0, noise, t)
         pred = self.decoder.unet.apply({"params": frozen["decoder"]["unet"]}, x_t, t, states)
