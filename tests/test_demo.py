@@ -7,7 +7,7 @@ import json
 from PIL import Image
 
 from dediffusion_jax import demo
-from dediffusion_jax.miniworld import scenes
+from dediffusion_jax.miniworld import probe, scenes
 
 SOURCES = ["De-Diffusion text", "full caption (upper ref.)", "short caption", "short caption + background",
            "empty text (lower ref.)"]
@@ -36,3 +36,8 @@ def test_reduced_demo_writes_the_table_text_statistics_examples_and_grid(tmp_pat
     grid = Image.open(workdir / "reconstructions.png")
     assert grid.height >= 8 * scenes.IMAGE_SIZE and grid.width >= 4 * scenes.IMAGE_SIZE
     assert (workdir / "checkpoints" / "3").is_dir()
+
+    # The probe reads the same run: its texts become a row of teacher-forced losses.
+    assert probe.main(["--workdir", str(workdir), "--scenes", "4", "--draws", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| De-Diffusion text | " in out and "distinct of 4; attribute-word recall: colours" in out

@@ -26,3 +26,15 @@ def test_position_swapped_texts_exchange_only_those_words():
     swapped = probe.PROBE_TEXTS["full, left/right swapped"](scene).split()
     exchange = {"left": "right", "right": "left"}
     assert swapped == [exchange.get(w, w) for w in full] and swapped != full
+
+
+def test_text_matters_more_at_high_noise():
+    """At a fixed high t the full caption lowers the loss far more than at a low t (docs: Timesteps)."""
+    decoder = load_decoder(probe.DEFAULT_DECODER)
+    indices = scenes.evaluation_indices(16)
+    texts = {k: probe.PROBE_TEXTS[k] for k in ("empty", "full caption")}
+    gain = {}
+    for t in (100, 800):
+        loss = probe.probe(decoder, indices, texts, draws=2, timestep=t)
+        gain[t] = loss["empty"] - loss["full caption"]
+    assert gain[800] > 0.01 and gain[800] > 5 * abs(gain[100])

@@ -66,8 +66,11 @@ PROBE_TEXTS: dict[str, TextsFn] = {
 
 
 def probe(decoder: Decoder, indices: Sequence[int], texts: dict[str, TextsFn] | None = None,
-          draws: int = 8, seed: int = 0) -> dict[str, float]:
-    """Mean denoising loss per text kind over `draws` (t, noise) samples of the scenes `indices`."""
+          draws: int = 8, seed: int = 0, timestep: int | None = None) -> dict[str, float]:
+    """Mean denoising loss per text kind over `draws` (t, noise) samples of the scenes `indices`.
+
+    With `timestep`, every draw uses that t (the noise draws stay the same): where does text matter?
+    """
     texts = texts or PROBE_TEXTS
     images = jnp.asarray(scenes.images_of(np.asarray(indices)))
     scene_list = [scenes.scene_from_index(int(i)) for i in indices]
@@ -77,6 +80,8 @@ def probe(decoder: Decoder, indices: Sequence[int], texts: dict[str, TextsFn] | 
     def loss(states: jax.Array, key: jax.Array) -> jax.Array:
         k_t, k_noise = jax.random.split(key)
         t = jax.random.randint(k_t, (images.shape[0],), 0, schedule.num_train_timesteps)
+        if timestep is not None:
+            t = jnp.full_like(t, timestep)
         noise = jax.random.normal(k_noise, images.shape)
         x_t = schedules.add_noise(schedule, images, noise, t)
         pred = decoder.unet.apply({"params": decoder.params["unet"]}, x_t, t, states)
@@ -91,19 +96,48 @@ def probe(decoder: Decoder, indices: Sequence[int], texts: dict[str, TextsFn] | 
     return out
 
 
+def de_diffusion_texts(workdir: str | Path, indices: Sequence[int]) -> tuple[Decoder, dict[scenes.Scene, str]]:
+    """A trained De-Diffusion run's decoder and its texts (argmax tokens) for the scenes `indices`."""
+    from dediffusion_jax.train import checkpoint
+
+    _, model, trainable, frozen = checkpoint.load_for_inference(Path(workdir))
+    token_ids = jax.jit(model.token_ids)(trainable, frozen, scenes.images_of(np.asarray(indices)))
+    texts = model.texts(np.asarray(token_ids))
+    return model.decoder, dict(zip((scenes.scene_from_index(int(i)) for i in indices), texts))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dediffusion_jax.miniworld.probe", description=__doc__.splitlines()[0])
     p.add_argument("--decoder", default=str(DEFAULT_DECODER))
+    p.add_argument("--workdir", help="a De-Diffusion training run: add its texts as a row (and use its "
+                                     "decoder) and print their attribute-word statistics")
     p.add_argument("--scenes", type=int, default=128, help="held-out scenes")
     p.add_argument("--draws", type=int, default=8, help="(t, noise) draws per scene")
+    p.add_argument("--timestep", type=int, help="one fixed t for every draw (default: uniform t)")
     args = p.parse_args(argv)
-    decoder = load_decoder(args.decoder)
     indices = scenes.evaluation_indices(args.scenes)
-    result = probe(decoder, indices, draws=args.draws)
-    print(f"teacher-forced v-MSE of {args.decoder} on {len(indices)} held-out scenes x {args.draws} draws")
+    texts = dict(PROBE_TEXTS)
+    if args.workdir:
+        decoder, by_scene = de_diffusion_texts(args.workdir, indices)
+        texts["De-Diffusion text"] = by_scene.__getitem__
+        source = f"{args.workdir}'s decoder"
+    else:
+        decoder, source = load_decoder(args.decoder), args.decoder
+    if args.timestep is not None and not 0 <= args.timestep < decoder.schedule.num_train_timesteps:
+        p.error(f"--timestep must be in [0, {decoder.schedule.num_train_timesteps})")
+    result = probe(decoder, indices, texts, draws=args.draws, timestep=args.timestep)
+    at = "uniform t" if args.timestep is None else f"t = {args.timestep}"
+    print(f"teacher-forced v-MSE of {source} on {len(indices)} held-out scenes x {args.draws} draws, {at}")
     print("| text | v-MSE |\n|---|---|")
     for name, value in result.items():
         print(f"| {name} | {value:.4f} |")
+    if args.workdir:
+        from dediffusion_jax.miniworld.evaluate_world import text_statistics
+
+        stats = text_statistics(list(by_scene.values()), indices)
+        print(f"\nDe-Diffusion text: {len(set(by_scene.values()))} distinct of {len(indices)}; attribute-word "
+              "recall: " + ", ".join(f"{k.replace('_recall', '')} {v:.2f}" for k, v in stats.items()
+                                     if k.endswith("recall")))
     return 0
 
 
