@@ -2,7 +2,11 @@
 
     python -m dediffusion_jax.train --config configs/miniworld.py --workdir workdirs/miniworld
 
-Config arg (comma-separated): decoder=PATH (default: the committed world decoder), tokens=N
+Config arg (comma-separated): decoder=PATH (default: the committed world decoder),
+backbone=world|scratch|PATH (world, the default: the committed image tower of a small CLIP pre-trained
+on the world's train scenes and captions (miniworld/pretrain_backbone.py), FROZEN, as the paper's CoCa
+ViT-L; scratch: a random-init ViT of the same shape trained end to end, the paper's "ViT-L random"
+ablation; PATH: any CLIPVisionModel folder, frozen), tokens=N
 (num_queries, N + 2 <= 16), depth=N (pooler blocks), punct (keep punctuation), steps=N,
 vocab=words|all (what the encoder may emit: the world's whole words and distractors (default) or
 every vocabulary entry), diversity=W (weight of the slot-diversity term; default 0.1, not in the paper),
@@ -25,17 +29,20 @@ from dediffusion_jax.miniworld.captions import WORLD_WORDS  # noqa: E402
 from dediffusion_jax.miniworld.tokenizer import DISTRACTORS  # noqa: E402
 
 DEFAULT_DECODER = "dediffusion_jax/miniworld/assets/decoder"
+WORLD_BACKBONE = "dediffusion_jax/miniworld/assets/backbone"
 
 
 def get_config(arg: str | None = None):
     args = common.parse_arg(arg)
     c = common.base_config()
     c.decoder.path = args.get("decoder", DEFAULT_DECODER)
-    # ViT patch 4 on the 16x16 image: 16 patches + CLS, width 128, depth 3, trained from scratch.
+    # ViT patch 4 on the 16x16 image: 16 patches + CLS, width 128, depth 3. Pre-trained and frozen (the
+    # paper's setting) or, as its random-init ablation, trained from scratch.
     c.backbone.variant = "S/4"
     c.backbone.image_size = 16
-    c.backbone.init = ""
-    c.backbone.frozen = False
+    backbone = args.get("backbone", "world")
+    c.backbone.init = "" if backbone == "scratch" else WORLD_BACKBONE if backbone == "world" else backbone
+    c.backbone.frozen = backbone != "scratch"
     c.backbone.overrides.update(dict(hidden_size=128, num_layers=3, num_heads=4, mlp_dim=512))
     c.encoder.update(dict(num_queries=int(args.get("tokens", 12)),
                           pooler_blocks=int(args.get("depth", 2)),
