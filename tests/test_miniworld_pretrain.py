@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import safetensors.numpy
 
 from dediffusion_jax.miniworld import pretrain_decoder, tokenizer as world_tokenizer
-from dediffusion_jax.t2i import folder
+from dediffusion_jax.t2i import folder, tiny
 
 
 def test_the_batch_of_a_step_is_a_pure_function_of_seed_and_step():
@@ -49,3 +50,46 @@ def test_train_resume_and_export_a_loadable_float16_folder(tmp_path, capsys):
 def test_export_without_a_checkpoint_is_an_error(tmp_path, capsys):
     assert pretrain_decoder.main(["--workdir", str(tmp_path / "empty"), "--export", str(tmp_path / "d")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_token_mixing_blends_only_world_words_and_is_off_at_zero():
+    tok = world_tokenizer.load_tokenizer()
+    _, ids = pretrain_decoder.batch_for_step(0, 7, 64, tok, 0.25)
+    other, w = pretrain_decoder.token_mixing_for_step(0, 7, ids, 1.0, tok)
+    again = pretrain_decoder.token_mixing_for_step(0, 7, ids, 1.0, tok)
+    np.testing.assert_array_equal(w, again[1])
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, *world_tokenizer.punctuation_token_ids(tok)}
+    assert (w[np.isin(ids, list(special))] == 0).all()  # never SOS/EOS/pad or punctuation
+    assert 0.3 < (w > 0).sum() / (~np.isin(ids, list(special))).sum() < 0.7  # p_token = 0.5 of the words
+    assert ((0 <= w) & (w < 1)).all()
+    vocab = set(world_tokenizer.word_token_ids(tok).values())
+    assert set(np.unique(other[w > 0])) <= vocab
+    assert not pretrain_decoder.token_mixing_for_step(0, 7, ids, 0.0, tok)[1].any()
+
+
+def test_a_fine_tune_starts_from_the_folder_and_unmixed_embeddings_equal_the_ids_path(tmp_path):
+    import argparse
+
+    import jax.numpy as jnp
+
+    committed = "dediffusion_jax/miniworld/assets/decoder"
+    args = argparse.Namespace(seed=0, lr=1e-4, lr_end=1e-5, warmup=1, steps=2, batch=4, soup_fraction=0.0,
+                              mix_fraction=0.3, init_from=committed)
+    trainer = pretrain_decoder.Trainer(args)
+    state = trainer.init_state()
+    loaded = folder.load_decoder(committed).params
+    np.testing.assert_array_equal(np.asarray(state["params"]["unet"]["conv_in"]["kernel"]),
+                                  np.asarray(loaded["unet"]["conv_in"]["kernel"]))
+    _, ids = pretrain_decoder.batch_for_step(0, 0, 4, trainer.tokenizer)
+    ids = jnp.asarray(ids)
+    plain = trainer.text_states(state["params"], ids, None)
+    unmixed = trainer.text_states(state["params"], ids, (ids, jnp.zeros(ids.shape, jnp.float32)))
+    np.testing.assert_allclose(np.asarray(unmixed), np.asarray(plain), atol=1e-6)
+    state, metrics = trainer.step(state, 0)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) < 0.2  # a trained decoder's loss
+
+    # A decoder folder of another architecture is refused, naming what differs.
+    folder.save_decoder(tiny.random_decoder("pixel", world_tokenizer.DEFAULT_DIR, seed=0), tmp_path / "tiny")
+    wrong = argparse.Namespace(**{**vars(args), "init_from": str(tmp_path / "tiny")})
+    with pytest.raises(folder.DecoderFolderError, match="differ from this script"):
+        pretrain_decoder.Trainer(wrong).init_state()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dediffusion_jax.miniworld import probe, scenes
 from dediffusion_jax.t2i.folder import load_decoder
 
@@ -38,3 +40,28 @@ def test_text_matters_more_at_high_noise():
         loss = probe.probe(decoder, indices, texts, draws=2, timestep=t)
         gain[t] = loss["empty"] - loss["full caption"]
     assert gain[800] > 0.01 and gain[800] > 5 * abs(gain[100])
+
+
+def test_state_contrast_moves_nothing_before_the_swapped_word_and_something_at_it(capsys):
+    """CLIP's causal mask: a swap cannot move the states before the swapped word. (What the figures
+    say about the committed decoder is in docs/miniworld.md, "What still fails: left and right".)"""
+    decoder = load_decoder(probe.DEFAULT_DECODER)
+    caption = probe.CONTRAST_CAPTION
+    col = probe.state_contrast(decoder, caption, "left", "right")
+    row = probe.state_contrast(decoder, caption, "top", "bottom")
+    at_col, at_row = caption.split().index("left") + 1, caption.split().index("top") + 1  # +1: <sos>
+    assert max(col[:at_col]) == 0.0 and max(row[:at_row]) == 0.0
+    assert col[at_col] > 0 and row[at_row] > 0
+    with pytest.raises(ValueError, match="is not a word"):
+        probe.state_contrast(decoder, caption, "dog", "cat")
+    assert probe.main(["--contrast"]) == 0
+    assert "| left -> right | 0.000 |" in capsys.readouterr().out
+
+
+def test_straight_through_ranks_are_ranks_of_the_encoder_vocabulary(capsys):
+    decoder = load_decoder(probe.DEFAULT_DECODER)
+    ranks = probe.straight_through_ranks(decoder, scenes.evaluation_indices(4), num_tokens=6, draws=1)
+    assert set(ranks) == {"background", "colour", "shape", "absent colour", "chance"}
+    assert all(0.0 <= v <= 2 * ranks["chance"] for v in ranks.values())
+    assert probe.main(["--st-ranks", "--scenes", "2", "--draws", "1"]) == 0
+    assert "straight-through mean rank" in capsys.readouterr().out

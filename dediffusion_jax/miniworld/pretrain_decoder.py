@@ -112,6 +112,27 @@ def batch_for_step(seed: int, step: int, batch: int, tokenizer: Any,
     return images, world_tokenizer.encode(tokenizer, texts)
 
 
+def token_mixing_for_step(seed: int, step: int, ids: np.ndarray, p_mix: float, tokenizer: Any,
+                          p_token: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(other ids [B, L], weights [B, L]) that blend word embeddings: e = (1 - w) E[id] + w E[other].
+
+    In a `p_mix` fraction of captions each world word (not a special token, not punctuation) is, with
+    probability `p_token`, blended with a random word of the encoder's vocabulary (world words and
+    distractors), w ~ U(0, 1). Why: the De-Diffusion encoder learns through a straight-through Gumbel
+    estimator, i.e. through the decoder's gradient with respect to a token's embedding, which only says
+    something about OTHER words if the decoder's response between word embeddings is meaningful. A
+    decoder trained on one-hot tokens alone has no reason to be (docs/miniworld.md, "The
+    straight-through signal"). Drawn from its own random stream: p_mix = 0 changes no other draw.
+    """
+    rng = np.random.default_rng([seed, step, 1])
+    words = np.asarray([tokenizer.convert_tokens_to_ids(f"{w}</w>")
+                        for w in captions.WORLD_WORDS + world_tokenizer.DISTRACTORS])
+    is_word = np.isin(ids, words)
+    chosen = (rng.random(ids.shape[0]) < p_mix)[:, None] & (rng.random(ids.shape) < p_token) & is_word
+    weights = np.where(chosen, rng.random(ids.shape), 0.0).astype(np.float32)
+    return words[rng.integers(0, len(words), ids.shape)].astype(ids.dtype), weights
+
+
 def lr_schedule(peak: float, end: float, warmup: int, total: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end)
 
@@ -132,11 +153,14 @@ class Trainer:
         self._step = jax.jit(self._train_step, donate_argnums=(0,))
 
     def init_state(self) -> dict[str, Any]:
+        """A fresh state: random weights, or (`--init-from`) an exported decoder's, with new optimizer state."""
         k_text, k_unet = jax.random.split(jax.random.key(self.args.seed))
         params = {
             "text_encoder": self.text_model.init(k_text, *clip_text.dummy_inputs(self.text_config))["params"],
             "unet": self.unet_model.init(k_unet, *unet.dummy_inputs(self.unet_config))["params"],
         }
+        if getattr(self.args, "init_from", None):
+            params = self._weights_of(self.args.init_from, params)
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
@@ -144,20 +168,33 @@ class Trainer:
             "opt_state": self.optimizer.init(params),
         }
 
-    def loss_fn(self, params: Any, images: jax.Array, ids: jax.Array, rng: jax.Array) -> jax.Array:
+    def text_states(self, params: Any, ids: jax.Array, mixing: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+        """Text encoder states of the captions, with word embeddings blended where `mixing` says."""
+        text_params = {"params": params["text_encoder"]}
+        if mixing is None:
+            return self.text_model.apply(text_params, input_ids=ids).last_hidden_state
+        other, w = mixing
+        table = clip_text.token_embedding_matrix(params["text_encoder"])
+        embeds = (1.0 - w[..., None]) * table[ids] + w[..., None] * table[other]
+        eos = clip_text.eos_positions_from_ids(ids, self.text_config.eos_token_id)
+        return self.text_model.apply(text_params, token_embeds=embeds, eos_positions=eos).last_hidden_state
+
+    def loss_fn(self, params: Any, images: jax.Array, ids: jax.Array, rng: jax.Array,
+                mixing: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         k_t, k_noise = jax.random.split(rng)
         b = images.shape[0]
         t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
         noise = jax.random.normal(k_noise, images.shape)
         x_t = schedules.add_noise(self.schedule, images, noise, t)
-        states = self.text_model.apply({"params": params["text_encoder"]}, input_ids=ids).last_hidden_state
+        states = self.text_states(params, ids, mixing)
         pred = self.unet_model.apply({"params": params["unet"]}, x_t, t, states)
         target = schedules.training_target(self.schedule, images, noise, t)
         return jnp.mean(jnp.square(pred - target))
 
-    def _train_step(self, state: dict, images: jax.Array, ids: jax.Array) -> tuple[dict, dict]:
+    def _train_step(self, state: dict, images: jax.Array, ids: jax.Array,
+                    mixing: tuple[jax.Array, jax.Array] | None = None) -> tuple[dict, dict]:
         rng = jax.random.fold_in(jax.random.key(self.args.seed + 1), state["step"])
-        loss, grads = jax.value_and_grad(self.loss_fn)(state["params"], images, ids, rng)
+        loss, grads = jax.value_and_grad(self.loss_fn)(state["params"], images, ids, rng, mixing)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         n = state["step"].astype(jnp.float32)
@@ -170,7 +207,24 @@ class Trainer:
         """One step; `step` must equal state["step"] (passed so the host never waits to read it)."""
         images, ids = batch_for_step(self.args.seed, step, self.args.batch, self.tokenizer,
                                      self.args.soup_fraction)
-        return self._step(state, jnp.asarray(images), jnp.asarray(ids))
+        mixing = None
+        if self.args.mix_fraction:
+            mixing = tuple(map(jnp.asarray, token_mixing_for_step(
+                self.args.seed, step, ids, self.args.mix_fraction, self.tokenizer)))
+        return self._step(state, jnp.asarray(images), jnp.asarray(ids), mixing)
+
+    @staticmethod
+    def _weights_of(folder: str, like: dict) -> dict:
+        """The text encoder and UNet of a decoder folder; it must have this script's architecture."""
+        from dediffusion_jax.t2i.folder import DecoderFolderError, load_decoder
+
+        loaded = load_decoder(folder, load_vae=False).params
+        loaded = {k: loaded[k] for k in ("text_encoder", "unet")}
+        shapes = lambda tree: jax.tree_util.tree_map(lambda a: tuple(a.shape), tree)  # noqa: E731
+        if shapes(loaded) != shapes(like):
+            raise DecoderFolderError(f"--init-from {folder}: its text encoder / UNet differ from this "
+                                     "script's TEXT_CONFIG / UNET_CONFIG")
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), loaded)
 
     def decoder(self, params: Any) -> Decoder:
         """The decoder with `params`; one object for the run, so sampling compiles once."""
@@ -244,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--soup-fraction", type=float, default=0.0,
                    help="fraction of word-soup captions (captions.word_soup_caption); v3 fine-tuned with 0.25")
+    p.add_argument("--mix-fraction", type=float, default=0.0,
+                   help="fraction of captions with word embeddings blended with random words "
+                        "(token_mixing_for_step); v4 fine-tuned v3 with 0.3")
+    p.add_argument("--init-from", help="a decoder folder of this architecture to start from (a fine-tune; "
+                                       "only when the workdir has no checkpoint yet)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=2000, help="gate evaluation period (0 = never)")
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)

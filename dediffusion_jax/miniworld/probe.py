@@ -96,6 +96,79 @@ def probe(decoder: Decoder, indices: Sequence[int], texts: dict[str, TextsFn] | 
     return out
 
 
+CONTRAST_CAPTION = "red circle top left , white background"
+CONTRAST_PAIRS = (("left", "right"), ("top", "bottom"), ("red", "blue"), ("circle", "square"))
+
+
+def state_contrast(decoder: Decoder, caption: str, a: str, b: str) -> np.ndarray:
+    """Per position, how far the text encoder's output moves when word `a` of `caption` becomes `b`
+    (L2 distance / mean state norm): a word whose own position barely moves is one the UNet cannot read.
+    """
+    if a not in caption.split():
+        raise ValueError(f"{a!r} is not a word of {caption!r}")
+    swapped = " ".join(b if w == a else w for w in caption.split())
+    ids = jnp.asarray(pipeline.tokenize(decoder, [caption, swapped]))
+    h = np.asarray(pipeline.text_states(decoder, decoder.params, ids))
+    return np.linalg.norm(h[0] - h[1], axis=-1) / np.linalg.norm(h[0], axis=-1).mean()
+
+
+def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens: int = 12, draws: int = 8,
+                           seed: int = 0) -> dict[str, float]:
+    """Does the gradient a straight-through Gumbel encoder receives point at the right words?
+
+    For each scene, a text of `num_tokens` random words of the encoder's vocabulary (world words and
+    distractors) goes through the decoder's text encoder as token embeddings; the straight-through
+    estimator scores word v in slot k by <dL/de_k, E[v]> (the first-order change of the denoising loss
+    if slot k moved toward v; t from the upper half, as the world config trains). Returns the mean rank
+    (0 = most favoured) of the scene's background word, its object colours and shapes, and the colours
+    it does not have; an uninformative gradient ranks them all at (vocabulary - 1) / 2.
+    """
+    from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+    from dediffusion_jax.t2i import clip_text
+
+    tok = decoder.tokenizer
+    vocab = list(captions.WORLD_WORDS + world_tokenizer.DISTRACTORS)
+    word_ids = np.asarray([tok.convert_tokens_to_ids(f"{w}</w>") for w in vocab])
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(scenes.images_of(np.asarray(indices)))
+    b = images.shape[0]
+    body = word_ids[rng.integers(0, len(vocab), (b, num_tokens))]
+    bos, eos = int(tok.bos_token_id), int(tok.eos_token_id)
+    ctx = int(tok.model_max_length)
+    ids = np.full((b, ctx), int(tok.pad_token_id), np.int64)
+    ids[:, 0], ids[:, 1:num_tokens + 1], ids[:, num_tokens + 1] = bos, body, eos
+    table = clip_text.token_embedding_matrix(decoder.params["text_encoder"])
+    schedule = decoder.schedule
+
+    def loss(embeds: jax.Array, key: jax.Array) -> jax.Array:
+        k_t, k_noise = jax.random.split(key)
+        half = schedule.num_train_timesteps // 2
+        t = jax.random.randint(k_t, (b,), half, schedule.num_train_timesteps)
+        noise = jax.random.normal(k_noise, images.shape)
+        x_t = schedules.add_noise(schedule, images, noise, t)
+        states = decoder.text_encoder.apply({"params": decoder.params["text_encoder"]}, token_embeds=embeds,
+                                            eos_positions=jnp.full((b,), num_tokens + 1)).last_hidden_state
+        pred = decoder.unet.apply({"params": decoder.params["unet"]}, x_t, t, states)
+        return jnp.sum(jnp.mean(jnp.square(pred - schedules.training_target(schedule, images, noise, t)),
+                                axis=(1, 2, 3)))
+
+    grad = jax.jit(jax.grad(loss))
+    embeds = table[jnp.asarray(ids)]
+    g = np.mean([np.asarray(grad(embeds, jax.random.key(seed + k))) for k in range(draws)], axis=0)
+    scores = g[:, 1:num_tokens + 1] @ np.asarray(table)[word_ids].T  # [B, N, words]; low = favoured
+    rank = np.argsort(np.argsort(scores, axis=-1), axis=-1).mean(axis=1)  # [B, words], mean over slots
+    col = {w: i for i, w in enumerate(vocab)}
+    out: dict[str, list[float]] = {"background": [], "colour": [], "shape": [], "absent colour": []}
+    for r, i in zip(rank, indices):
+        scene = scenes.scene_from_index(int(i))
+        present = {o.colour for o in scene.objects}
+        out["background"].append(r[col[scene.background]])
+        out["colour"] += [r[col[c]] for c in present]
+        out["shape"] += [r[col[o.shape]] for o in scene.objects]
+        out["absent colour"] += [r[col[c]] for c in scenes.COLOURS if c not in present]
+    return {k: float(np.mean(v)) for k, v in out.items()} | {"chance": (len(vocab) - 1) / 2}
+
+
 def de_diffusion_texts(workdir: str | Path, indices: Sequence[int]) -> tuple[Decoder, dict[scenes.Scene, str]]:
     """A trained De-Diffusion run's decoder and its texts (argmax tokens) for the scenes `indices`."""
     from dediffusion_jax.train import checkpoint
@@ -114,8 +187,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=128, help="held-out scenes")
     p.add_argument("--draws", type=int, default=8, help="(t, noise) draws per scene")
     p.add_argument("--timestep", type=int, help="one fixed t for every draw (default: uniform t)")
+    p.add_argument("--st-ranks", action="store_true",
+                   help="instead: where the straight-through gradient ranks the right words (straight_through_ranks)")
+    p.add_argument("--contrast", action="store_true",
+                   help=f"instead: how much the text states move per word swap in {CONTRAST_CAPTION!r}")
     args = p.parse_args(argv)
     indices = scenes.evaluation_indices(args.scenes)
+    if args.st_ranks:
+        ranks = straight_through_ranks(load_decoder(args.decoder), indices, draws=args.draws)
+        print(f"straight-through mean rank (0 = most favoured, chance {ranks.pop('chance'):.1f}) on "
+              f"{len(indices)} held-out scenes, {args.draws} draws: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in ranks.items()))
+        return 0
+    if args.contrast:
+        decoder = load_decoder(args.decoder)
+        words = CONTRAST_CAPTION.split()
+        print(f"text-state change per position (L2 / mean norm) of {args.decoder}, caption {CONTRAST_CAPTION!r}")
+        print("| swap | " + " | ".join(["<sos>", *words, "<eos>"]) + " |\n|---|" + "---|" * (len(words) + 2))
+        for a, b in CONTRAST_PAIRS:
+            d = state_contrast(decoder, CONTRAST_CAPTION, a, b)[: len(words) + 2]
+            print(f"| {a} -> {b} | " + " | ".join(f"{x:.3f}" for x in d) + " |")
+        return 0
     texts = dict(PROBE_TEXTS)
     if args.workdir:
         decoder, by_scene = de_diffusion_texts(args.workdir, indices)
