@@ -72,6 +72,7 @@ def test_a_short_run_lowers_the_loss_and_records_itself(short_run):
     assert 0.0 <= info["zero_shot_scene_accuracy"]["heldout"] <= 1.0
 
 
+@pytest.mark.parity
 def test_the_exported_folder_is_a_transformers_clip_model_with_the_same_outputs(short_run):
     model, params = pretrain_backbone.load_world_clip(short_run)
     reference = transformers.CLIPModel.from_pretrained(str(short_run), torch_dtype=torch.float32).eval()

@@ -3,10 +3,10 @@
 Why: the paper's encoder reads a FROZEN, image-text pre-trained backbone (CoCa ViT-L); a randomly
 initialised ViT trained end to end is its weakest ablation (FID 14.6 vs 6.43). The world's analogue is
 this small CLIP: a ViT image tower (the CLIP vision layout of `models/vit.py`) and a CLIP text tower,
-trained contrastively on TRAIN-split scenes and their captions (the held-out 10% stay unseen). Only the
-image tower is kept, exported as a transformers `CLIPVisionModel` folder (config.json +
-model.safetensors), and the world config loads it through `backbone.init` exactly as the paper config
-loads a real CLIP ViT. De-Diffusion itself still trains on images alone.
+trained contrastively on TRAIN-split scenes and their captions (the held-out 10% stay unseen). It is
+exported as a transformers `CLIPModel` folder (config.json + model.safetensors); the world config
+loads its image tower through `backbone.init`, exactly as the paper config loads a real CLIP ViT, and
+freezes it. De-Diffusion itself still trains on images alone.
 
     python -m dediffusion_jax.miniworld.pretrain_backbone --out dediffusion_jax/miniworld/assets/backbone
 """
@@ -157,8 +157,8 @@ def zero_shot_accuracy(model: WorldCLIP, params: Any, indices: np.ndarray, batch
     embed_texts = jax.jit(lambda ids: model.apply({"params": params}, ids, method=WorldCLIP.embed_texts))
     embed_images = jax.jit(lambda x: model.apply({"params": params}, x, method=WorldCLIP.embed_images))
     everything = [captions.full_caption(s) for s in scenes.all_scenes()]
-    txt = np.concatenate([np.asarray(embed_texts(jnp.asarray(world_tokenizer.encode(tokenizer, everything[i:i + batch]))))
-                          for i in range(0, len(everything), batch)])
+    txt = np.concatenate([np.asarray(embed_texts(jnp.asarray(world_tokenizer.encode(tokenizer, chunk))))
+                          for chunk in (everything[i:i + batch] for i in range(0, len(everything), batch))])
     indices = np.asarray(indices)
     img = np.concatenate([np.asarray(embed_images(jnp.asarray(scenes.images_of(indices[i:i + batch]))))
                           for i in range(0, len(indices), batch)])

@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fraction of word-soup captions (captions.word_soup_caption); v3 fine-tuned with 0.25")
     p.add_argument("--mix-fraction", type=float, default=0.0,
                    help="fraction of captions with word embeddings blended with random words "
-                        "(token_mixing_for_step); v4 fine-tuned v3 with 0.3")
+                        "(token_mixing_for_step); the v4 experiment of docs/miniworld.md used 0.3")
     p.add_argument("--init-from", help="a decoder folder of this architecture to start from (a fine-tune; "
                                        "only when the workdir has no checkpoint yet)")
     p.add_argument("--log-every", type=int, default=100)
