@@ -68,6 +68,9 @@ def test_miniworld_config_fits_the_world_decoder_context(decoder77):
     for arg, field, value in [("tokens=6", "num_queries", 6), ("depth=3", "pooler_blocks", 3)]:
         assert cli.load_config_file(f"{MINIWORLD}:{arg}").encoder[field] == value
     assert not cli.load_config_file(f"{MINIWORLD}:punct").vocab.exclude_punctuation
+    assert not c.quantizer.hard and cli.load_config_file(f"{MINIWORLD}:relax=hard").quantizer.hard
+    with pytest.raises(ValueError, match="relax"):
+        cli.load_config_file(f"{MINIWORLD}:relax=straight")
 
 
 def test_configs_are_locked():

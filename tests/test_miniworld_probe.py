@@ -61,7 +61,34 @@ def test_state_contrast_moves_nothing_before_the_swapped_word_and_something_at_i
 def test_straight_through_ranks_are_ranks_of_the_encoder_vocabulary(capsys):
     decoder = load_decoder(probe.DEFAULT_DECODER)
     ranks = probe.straight_through_ranks(decoder, scenes.evaluation_indices(4), num_tokens=6, draws=1)
-    assert set(ranks) == {"background", "colour", "shape", "absent colour", "chance"}
+    assert set(ranks) == {"background", "colour", "shape", "absent colour", "absent shape", "chance"}
     assert all(0.0 <= v <= 2 * ranks["chance"] for v in ranks.values())
-    assert probe.main(["--st-ranks", "--scenes", "2", "--draws", "1"]) == 0
-    assert "straight-through mean rank" in capsys.readouterr().out
+    assert probe.main(["--st-ranks", "--scenes", "2", "--draws", "1", "--context", "colours",
+                       "--t-range", "500", "900"]) == 0
+    assert "colours context, t in [500, 900)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="context"):
+        probe.straight_through_ranks(decoder, [0], context="grammar")
+
+
+def test_colours_context_repeats_the_background_and_object_colours():
+    scene = scenes.Scene("white", (scenes.SceneObject("red", "circle", 0, 0),
+                                   scenes.SceneObject("blue", "square", 1, 1)))
+    assert probe._context_words(scene, 5) == ["white", "red", "blue", "white", "red"]
+
+
+def test_shape_texts_are_bags_of_the_scenes_words():
+    scene = scenes.Scene("gray", (scenes.SceneObject("green", "triangle", 1, 0),))
+    texts = {name: fn(scene) for name, fn in probe.SHAPE_TEXTS.items()}
+    assert texts["colours + background"] == "green gray"
+    assert texts["colour shape + background"] == "green triangle gray"
+    assert texts["colour WRONG shape + background"] == "green circle gray"
+    assert texts["colour shape row + background"] == "green triangle bottom gray"
+
+
+def test_the_committed_decoder_rewards_right_shape_words_even_without_positions():
+    decoder = load_decoder(probe.DEFAULT_DECODER)
+    texts = {k: probe.SHAPE_TEXTS[k] for k in
+             ("colours + background", "colour shape + background", "colour WRONG shape + background")}
+    loss = probe.probe(decoder, scenes.evaluation_indices(32), texts, draws=2, timestep=700)
+    assert (loss["colour shape + background"] < loss["colours + background"]
+            < loss["colour WRONG shape + background"]), loss

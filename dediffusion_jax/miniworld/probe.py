@@ -96,6 +96,26 @@ def probe(decoder: Decoder, indices: Sequence[int], texts: dict[str, TextsFn] | 
     return out
 
 
+def _wrong_shape(o: scenes.SceneObject) -> str:
+    return scenes.SHAPES[(scenes.SHAPES.index(o.shape) + 1) % len(scenes.SHAPES)]
+
+
+def _object_words(words: Callable[[scenes.SceneObject], list[str]]) -> TextsFn:
+    return lambda s: " ".join([w for o in s.objects for w in words(o)] + [s.background])
+
+
+# Which words pay off WITHOUT the caption's grammar or positions, as an encoder's bag of words would
+# have them: does a shape word help when the decoder does not know where the object is?
+SHAPE_TEXTS: dict[str, TextsFn] = {
+    "colours + background": _object_words(lambda o: [o.colour]),
+    "colour shape + background": _object_words(lambda o: [o.colour, o.shape]),
+    "colour WRONG shape + background": _object_words(lambda o: [o.colour, _wrong_shape(o)]),
+    "colour row + background": _object_words(lambda o: [o.colour, scenes.ROWS[o.row]]),
+    "colour shape row + background": _object_words(lambda o: [o.colour, o.shape, scenes.ROWS[o.row]]),
+    "full caption": captions.full_caption,
+}
+TEXT_SETS = {"default": PROBE_TEXTS, "shapes": SHAPE_TEXTS}
+
 CONTRAST_CAPTION = "red circle top left , white background"
 CONTRAST_PAIRS = (("left", "right"), ("top", "bottom"), ("red", "blue"), ("circle", "square"))
 
@@ -112,17 +132,33 @@ def state_contrast(decoder: Decoder, caption: str, a: str, b: str) -> np.ndarray
     return np.linalg.norm(h[0] - h[1], axis=-1) / np.linalg.norm(h[0], axis=-1).mean()
 
 
-def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens: int = 12, draws: int = 8,
-                           seed: int = 0) -> dict[str, float]:
-    """Does the gradient a straight-through Gumbel encoder receives point at the right words?
+RANK_CONTEXTS = ("random", "colours")
 
-    For each scene, a text of `num_tokens` random words of the encoder's vocabulary (world words and
-    distractors) goes through the decoder's text encoder as token embeddings; the straight-through
-    estimator scores word v in slot k by <dL/de_k, E[v]> (the first-order change of the denoising loss
-    if slot k moved toward v; t from the upper half, as the world config trains). Returns the mean rank
-    (0 = most favoured) of the scene's background word, its object colours and shapes, and the colours
-    it does not have; an uninformative gradient ranks them all at (vocabulary - 1) / 2.
+
+def _context_words(scene: scenes.Scene, num_tokens: int) -> list[str]:
+    """The 'colours' context: the background word and the object colours, repeated to fill the slots,
+    like the texts a young soft-Gumbel encoder writes ('white blue white blue ...')."""
+    words = [scene.background] + [o.colour for o in scene.objects]
+    return [words[k % len(words)] for k in range(num_tokens)]
+
+
+def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens: int = 12, draws: int = 8,
+                           seed: int = 0, context: str = "random",
+                           timesteps: tuple[int, int] | None = None) -> dict[str, float]:
+    """Does the gradient an encoder receives through the token embeddings point at the right words?
+
+    For each scene, a text of `num_tokens` words goes through the decoder's text encoder as token
+    embeddings: random words of the encoder's vocabulary (world words and distractors; `context=
+    "random"`, where training starts) or the scene's background and object colours repeated
+    (`"colours"`, where a soft-Gumbel encoder is after a few hundred steps). Word v in slot k is scored
+    by <dL/de_k, E[v]> (the first-order change of the denoising loss if slot k moved toward v: the
+    straight-through estimator's signal, and the soft relaxation's at a one-hot point), with t drawn
+    from `timesteps` = [lo, hi) (default: the upper half). Returns the mean rank (0 = most favoured) of
+    the scene's background word, its object colours and shapes, the shapes and colours it does not
+    have; an uninformative gradient ranks them all at (vocabulary - 1) / 2.
     """
+    if context not in RANK_CONTEXTS:
+        raise ValueError(f"context={context!r}; choose one of {RANK_CONTEXTS}")
     from dediffusion_jax.miniworld import tokenizer as world_tokenizer
     from dediffusion_jax.t2i import clip_text
 
@@ -132,7 +168,11 @@ def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens:
     rng = np.random.default_rng(seed)
     images = jnp.asarray(scenes.images_of(np.asarray(indices)))
     b = images.shape[0]
-    body = word_ids[rng.integers(0, len(vocab), (b, num_tokens))]
+    if context == "random":
+        body = word_ids[rng.integers(0, len(vocab), (b, num_tokens))]
+    else:
+        body = np.asarray([[word_ids[vocab.index(w)] for w in _context_words(scenes.scene_from_index(int(i)),
+                                                                               num_tokens)] for i in indices])
     bos, eos = int(tok.bos_token_id), int(tok.eos_token_id)
     ctx = int(tok.model_max_length)
     ids = np.full((b, ctx), int(tok.pad_token_id), np.int64)
@@ -140,10 +180,13 @@ def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens:
     table = clip_text.token_embedding_matrix(decoder.params["text_encoder"])
     schedule = decoder.schedule
 
+    lo, hi = timesteps or (schedule.num_train_timesteps // 2, schedule.num_train_timesteps)
+    if not 0 <= lo < hi <= schedule.num_train_timesteps:
+        raise ValueError(f"timesteps {timesteps} outside [0, {schedule.num_train_timesteps}]")
+
     def loss(embeds: jax.Array, key: jax.Array) -> jax.Array:
         k_t, k_noise = jax.random.split(key)
-        half = schedule.num_train_timesteps // 2
-        t = jax.random.randint(k_t, (b,), half, schedule.num_train_timesteps)
+        t = jax.random.randint(k_t, (b,), lo, hi)
         noise = jax.random.normal(k_noise, images.shape)
         x_t = schedules.add_noise(schedule, images, noise, t)
         states = decoder.text_encoder.apply({"params": decoder.params["text_encoder"]}, token_embeds=embeds,
@@ -158,14 +201,17 @@ def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens:
     scores = g[:, 1:num_tokens + 1] @ np.asarray(table)[word_ids].T  # [B, N, words]; low = favoured
     rank = np.argsort(np.argsort(scores, axis=-1), axis=-1).mean(axis=1)  # [B, words], mean over slots
     col = {w: i for i, w in enumerate(vocab)}
-    out: dict[str, list[float]] = {"background": [], "colour": [], "shape": [], "absent colour": []}
+    out: dict[str, list[float]] = {"background": [], "colour": [], "shape": [], "absent colour": [],
+                                   "absent shape": []}
     for r, i in zip(rank, indices):
         scene = scenes.scene_from_index(int(i))
         present = {o.colour for o in scene.objects}
+        shapes = {o.shape for o in scene.objects}
         out["background"].append(r[col[scene.background]])
         out["colour"] += [r[col[c]] for c in present]
         out["shape"] += [r[col[o.shape]] for o in scene.objects]
         out["absent colour"] += [r[col[c]] for c in scenes.COLOURS if c not in present]
+        out["absent shape"] += [r[col[x]] for x in scenes.SHAPES if x not in shapes]
     return {k: float(np.mean(v)) for k, v in out.items()} | {"chance": (len(vocab) - 1) / 2}
 
 
@@ -187,16 +233,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=128, help="held-out scenes")
     p.add_argument("--draws", type=int, default=8, help="(t, noise) draws per scene")
     p.add_argument("--timestep", type=int, help="one fixed t for every draw (default: uniform t)")
+    p.add_argument("--texts", choices=sorted(TEXT_SETS), default="default",
+                   help="which texts to score: the default set, or 'shapes' (bags of words with and "
+                        "without shape and row words)")
     p.add_argument("--st-ranks", action="store_true",
                    help="instead: where the straight-through gradient ranks the right words (straight_through_ranks)")
+    p.add_argument("--context", choices=RANK_CONTEXTS, default="random",
+                   help="--st-ranks: the text the gradient is taken at")
+    p.add_argument("--t-range", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="--st-ranks: draw t from [LO, HI) (default: the upper half)")
     p.add_argument("--contrast", action="store_true",
                    help=f"instead: how much the text states move per word swap in {CONTRAST_CAPTION!r}")
     args = p.parse_args(argv)
     indices = scenes.evaluation_indices(args.scenes)
     if args.st_ranks:
-        ranks = straight_through_ranks(load_decoder(args.decoder), indices, draws=args.draws)
+        ranks = straight_through_ranks(load_decoder(args.decoder), indices, draws=args.draws,
+                                       context=args.context,
+                                       timesteps=tuple(args.t_range) if args.t_range else None)
         print(f"straight-through mean rank (0 = most favoured, chance {ranks.pop('chance'):.1f}) on "
-              f"{len(indices)} held-out scenes, {args.draws} draws: "
+              f"{len(indices)} held-out scenes, {args.draws} draws, {args.context} context"
+              + (f", t in [{args.t_range[0]}, {args.t_range[1]})" if args.t_range else "") + ": "
               + ", ".join(f"{k} {v:.2f}" for k, v in ranks.items()))
         return 0
     if args.contrast:
@@ -208,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             d = state_contrast(decoder, CONTRAST_CAPTION, a, b)[: len(words) + 2]
             print(f"| {a} -> {b} | " + " | ".join(f"{x:.3f}" for x in d) + " |")
         return 0
-    texts = dict(PROBE_TEXTS)
+    texts = dict(TEXT_SETS[args.texts])
     if args.workdir:
         decoder, by_scene = de_diffusion_texts(args.workdir, indices)
         texts["De-Diffusion text"] = by_scene.__getitem__
