@@ -1,6 +1,6 @@
 """`make demo`: De-Diffusion on the miniature world, end to end, on a CPU in minutes.
 
-    python -m dediffusion_jax.demo --workdir workdirs/demo [--steps 800] [--eval-scenes 256]
+    python -m dediffusion_jax.demo --workdir workdirs/demo [--steps 600] [--eval-scenes 256]
 
 1. loads the world's frozen text-to-image decoder (a committed diffusers-format folder, pre-trained by
    `python -m dediffusion_jax.miniworld.pretrain_decoder`; see its TRAINING.json);
