@@ -45,7 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # The denoising loss. timestep_range: the fractions [lo, hi) of the decoder's training timesteps
     # the loss samples from, uniformly (the paper: one random noise level per sample, the whole range).
-    c.loss = ml_collections.ConfigDict(dict(timestep_range=(0.0, 1.0)))
+    # timestep_range_final (empty = off): a curriculum; the window slides linearly to it over the
+    # first timestep_ramp_fraction of total_steps (not in the paper; docs/miniworld.md, "Timesteps").
+    c.loss = ml_collections.ConfigDict(dict(timestep_range=(0.0, 1.0), timestep_range_final=(),
+                                            timestep_ramp_fraction=1.0))
 
     # optimizer.*, lr.*, total_steps: see dediffusion_jax/train/optimizer.py (paper defaults).
     opt = optimizer_lib.default_config()

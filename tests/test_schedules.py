@@ -162,6 +162,28 @@ def test_sample_timesteps_can_be_restricted_to_a_fraction_of_the_range():
             S.timestep_bounds(s, empty_or_outside)
 
 
+def test_a_moving_timestep_window_slides_from_the_start_range_to_the_end_range():
+    s = S.NoiseSchedule(num_train_timesteps=1000)
+    key = jax.random.PRNGKey(0)
+
+    def window(progress):
+        t = np.asarray(S.sample_timesteps_moving(key, 5000, s, (0.8, 1.0), (0.5, 0.9), progress))
+        return t.min(), t.max()
+
+    assert window(0.0) == (800, 999)
+    assert window(0.5) == (650, 949)          # both bounds halfway
+    assert window(1.0) == (500, 899) == window(3.0)  # clamped after the ramp
+    # The same draws as the fixed range at progress 0, so a curriculum starts exactly where it says.
+    np.testing.assert_array_equal(S.sample_timesteps_moving(key, 64, s, (0.8, 1.0), (0.5, 0.9), 0.0),
+                                  S.sample_timesteps(key, 64, s, (0.8, 1.0)))
+    # A traced progress (inside jit, as in the train step) gives the same window.
+    traced = jax.jit(lambda p: S.sample_timesteps_moving(key, 5000, s, (0.8, 1.0), (0.5, 0.9), p))
+    np.testing.assert_array_equal(traced(0.5), S.sample_timesteps_moving(key, 5000, s, (0.8, 1.0),
+                                                                          (0.5, 0.9), 0.5))
+    with pytest.raises(ValueError, match="timestep fraction range"):
+        S.sample_timesteps_moving(key, 4, s, (0.8, 1.0), (0.9, 0.5), 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # DDIM
 # ---------------------------------------------------------------------------------------------

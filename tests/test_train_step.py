@@ -267,6 +267,34 @@ def test_loss_timestep_range_selects_the_noise_levels(decoder):
         builders.build_model(config, decoder)
 
 
+def test_a_timestep_curriculum_moves_the_noise_levels_over_training(decoder):
+    """loss.timestep_range_final slides the window over timestep_ramp_fraction of total_steps: at
+    step 0 the loss is the start range's, from the end of the ramp on it is the final range's (same
+    rng, so exactly equal)."""
+
+    def model_with(**loss):
+        config = tiny_config()
+        config.loss = ml_collections.ConfigDict(loss)
+        return builders.build_model(config, decoder)[:2]
+
+    moving, init_params = model_with(timestep_range=(0.999, 1.0), timestep_range_final=(0.0, 0.01),
+                                     timestep_ramp_fraction=0.5)
+    assert moving.timestep_ramp_steps == 50  # half of total_steps = 100
+    noisy, _ = model_with(timestep_range=(0.999, 1.0))
+    clean, _ = model_with(timestep_range=(0.0, 0.01))
+    params = jax.jit(init_params)(jax.random.key(1))
+    frozen, batch, rng = {"decoder": decoder.params}, make_batch(), jax.random.key(2)
+
+    def loss(model, step=0):
+        return float(model.loss(params, frozen, batch, rng, jnp.float32(1.0), step)[0])
+
+    assert loss(moving, 0) == loss(noisy)
+    assert loss(moving, 50) == loss(moving, 99) == loss(clean)
+    assert loss(clean) > 1.5 * loss(noisy)  # the two ends really differ (see the test above)
+    with pytest.raises(ValueError, match="timestep_ramp_fraction"):
+        model_with(timestep_range=(0.8, 1.0), timestep_range_final=(0.5, 0.9), timestep_ramp_fraction=0)
+
+
 def test_sharded_steps_with_the_diversity_term_match_one_device(decoder):
     """The diversity term averages over the whole (sharded) batch: 4 x 2 devices must agree with one."""
     config = tiny_config()

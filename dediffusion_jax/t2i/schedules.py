@@ -211,6 +211,29 @@ def sample_timesteps(
     return jax.random.randint(rng, (batch,), lo, hi, dtype=jnp.int32)
 
 
+def sample_timesteps_moving(
+    rng: jax.Array,
+    batch: int,
+    schedule: NoiseSchedule,
+    start_range: tuple[float, float],
+    end_range: tuple[float, float],
+    progress: jax.Array | float,
+) -> jax.Array:
+    """Training timesteps from a window that slides from `start_range` (progress 0) to `end_range`
+    (progress >= 1), both bounds linearly: a timestep curriculum. Works with a traced `progress`.
+
+    Why: with a small decoder the background and colours are decided at high noise and shapes at
+    mid noise (docs/miniworld.md, "Timesteps"); a window that starts high and slides down lets the
+    encoder write the coarse words first and the finer ones after.
+    """
+    lo0, hi0 = timestep_bounds(schedule, start_range)
+    lo1, hi1 = timestep_bounds(schedule, end_range)
+    frac = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+    lo = jnp.round(lo0 + (lo1 - lo0) * frac).astype(jnp.int32)
+    hi = jnp.maximum(jnp.round(hi0 + (hi1 - hi0) * frac).astype(jnp.int32), lo + 1)
+    return jax.random.randint(rng, (batch,), lo, hi, dtype=jnp.int32)
+
+
 def timestep_bounds(schedule: NoiseSchedule, fraction_range: tuple[float, float]) -> tuple[int, int]:
     """Integer [lo, hi) of a fraction range of the training timesteps; raises on an empty range."""
     lo_f, hi_f = (float(x) for x in fraction_range)

@@ -11,6 +11,9 @@ The config fields read here (see configs/*.py for full experiment files):
   quantizer.hard         straight-through Gumbel (exact one-hot forward) or soft relaxation
   quantizer.token_path   'fused' (memory-lean) or 'soft' (reference)
   quantizer.temperature.{schedule, start, end}   over total_steps
+  loss.timestep_range    [lo, hi) fractions of the decoder's timesteps the loss samples
+  loss.timestep_range_final, loss.timestep_ramp_fraction   optional curriculum: the window slides
+                         linearly to timestep_range_final over that fraction of total_steps
   dtype, remat
 """
 
@@ -82,7 +85,7 @@ def build_model(
         token_path=str(q.token_path),
         rows_per_chunk=int(q.get("rows_per_chunk", 16)),
         diversity_weight=float(q.get("diversity_weight", 0.0)),
-        timestep_range=tuple(float(x) for x in config.get("loss", {}).get("timestep_range", (0.0, 1.0))),
+        **timestep_fields(config),
     )
     size = int(config.backbone.image_size)
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -91,6 +94,22 @@ def build_model(
         return encoder.init(rng, dummy)["params"]
 
     return model, init_params, pretrained
+
+
+def timestep_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """DeDiffusion's timestep fields from config.loss: timestep_range, and the optional curriculum
+    timestep_range_final (None/empty = off) reached after timestep_ramp_fraction of total_steps."""
+    loss = config.get("loss", {})
+    fields: dict[str, Any] = dict(
+        timestep_range=tuple(float(x) for x in loss.get("timestep_range", (0.0, 1.0))))
+    final = loss.get("timestep_range_final", None)
+    if final:
+        fraction = float(loss.get("timestep_ramp_fraction", 1.0))
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"loss.timestep_ramp_fraction={fraction} must be in (0, 1]")
+        fields["timestep_range_final"] = tuple(float(x) for x in final)
+        fields["timestep_ramp_steps"] = max(1, int(round(fraction * int(config.total_steps))))
+    return fields
 
 
 def build_temperature_fn(config: ml_collections.ConfigDict):

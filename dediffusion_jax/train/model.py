@@ -52,9 +52,18 @@ class DeDiffusion:
     rows_per_chunk: int = 16
     diversity_weight: float = 0.0
     timestep_range: tuple[float, float] = (0.0, 1.0)  # fractions of the decoder's training timesteps
+    # Timestep curriculum (off when None): the window slides linearly from timestep_range at step 0
+    # to timestep_range_final at step timestep_ramp_steps, then stays there.
+    timestep_range_final: tuple[float, float] | None = None
+    timestep_ramp_steps: int = 0
 
     def __post_init__(self) -> None:
         schedules.timestep_bounds(self.decoder.schedule, self.timestep_range)  # fail at build time
+        if self.timestep_range_final is not None:
+            schedules.timestep_bounds(self.decoder.schedule, self.timestep_range_final)
+            if self.timestep_ramp_steps <= 0:
+                raise ValueError("a timestep curriculum (loss.timestep_range_final) needs "
+                                 f"timestep_ramp_steps > 0, got {self.timestep_ramp_steps}")
         if self.token_path not in TOKEN_PATHS:
             raise ValueError(f"quantizer.token_path={self.token_path!r}; choose one of {TOKEN_PATHS}")
         context = self.decoder.context_length
@@ -163,13 +172,21 @@ class DeDiffusion:
         batch: dict[str, Array],
         rng: Array,
         temperature: Array,
+        step: Array | int = 0,
     ) -> tuple[Array, dict[str, Array]]:
-        """The decoder's own denoising loss (its prediction type and schedule), one t per example."""
+        """The decoder's own denoising loss (its prediction type and schedule), one t per example.
+
+        `step` (the train step) only matters with a timestep curriculum."""
         k_gumbel, k_t, k_noise, k_vae = jax.random.split(rng, 4)
         states, features = self.text_states(trainable, frozen, batch["backbone"], k_gumbel, temperature)
         x0 = jax.lax.stop_gradient(self.clean_sample(frozen, batch, k_vae)).astype(jnp.float32)
         schedule = self.decoder.schedule
-        t = schedules.sample_timesteps(k_t, x0.shape[0], schedule, self.timestep_range)
+        if self.timestep_range_final is None:
+            t = schedules.sample_timesteps(k_t, x0.shape[0], schedule, self.timestep_range)
+        else:
+            progress = jnp.asarray(step, jnp.float32) / self.timestep_ramp_steps
+            t = schedules.sample_timesteps_moving(k_t, x0.shape[0], schedule, self.timestep_range,
+                                                  self.timestep_range_final, progress)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
         x_t = schedules.add_noise(schedule, x0, noise, t)
         pred = self.decoder.unet.apply({"params": frozen["decoder"]["unet"]}, x_t, t, states)

@@ -67,7 +67,7 @@ def make_step_fn(
         rng = jax.random.fold_in(rng, state.step)
         temperature = temperature_fn(state.step)
         (loss, aux), grads = jax.value_and_grad(model.loss, has_aux=True)(
-            state.params, frozen, batch, rng, temperature
+            state.params, frozen, batch, rng, temperature, state.step
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
