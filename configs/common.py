@@ -47,8 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
     # the loss samples from, uniformly (the paper: one random noise level per sample, the whole range).
     # timestep_range_final (empty = off): a curriculum; the window slides linearly to it over the
     # first timestep_ramp_fraction of total_steps (not in the paper; docs/miniworld.md, "Timesteps").
+    # reduction: "mean" (the paper) or "log_mean" (each example's log MSE; train/model.py).
     c.loss = ml_collections.ConfigDict(dict(timestep_range=(0.0, 1.0), timestep_range_final=(),
-                                            timestep_ramp_fraction=1.0))
+                                            timestep_ramp_fraction=1.0, reduction="mean"))
 
     # optimizer.*, lr.*, total_steps: see dediffusion_jax/train/optimizer.py (paper defaults).
     opt = optimizer_lib.default_config()

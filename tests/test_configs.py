@@ -71,11 +71,16 @@ def test_miniworld_config_fits_the_world_decoder_context(decoder77):
     assert not c.quantizer.hard and cli.load_config_file(f"{MINIWORLD}:relax=hard").quantizer.hard
     with pytest.raises(ValueError, match="relax"):
         cli.load_config_file(f"{MINIWORLD}:relax=straight")
-    assert tuple(c.loss.timestep_range) == (0.8, 1.0) and not c.loss.timestep_range_final
+    assert tuple(c.loss.timestep_range) == (0.5, 1.0) and not c.loss.timestep_range_final
+    assert c.loss.reduction == "log_mean"
+    top = cli.load_config_file(f"{MINIWORLD}:timesteps=top,reduction=mean").loss
+    assert tuple(top.timestep_range) == (0.8, 1.0) and top.reduction == "mean"
     slide = cli.load_config_file(f"{MINIWORLD}:timesteps=slide").loss
     assert tuple(slide.timestep_range_final) == (0.5, 0.85) and slide.timestep_ramp_fraction == 1.0
     with pytest.raises(ValueError, match="timesteps"):
         cli.load_config_file(f"{MINIWORLD}:timesteps=low")
+    with pytest.raises(ValueError, match="reduction"):
+        cli.load_config_file(f"{MINIWORLD}:reduction=sum")
 
 
 def test_configs_are_locked():

@@ -41,3 +41,12 @@ def test_reduced_demo_writes_the_table_text_statistics_examples_and_grid(tmp_pat
     assert probe.main(["--workdir", str(workdir), "--scenes", "4", "--draws", "1"]) == 0
     out = capsys.readouterr().out
     assert "| De-Diffusion text | " in out and "distinct of 4; attribute-word recall: colours" in out
+
+    # And the probe's slot mass: the encoder's word distribution split by kind of word.
+    mass = probe.slot_word_mass(workdir, scenes.evaluation_indices(4))
+    assert set(mass) == {"background", "colour", "shape", "absent shape", "shape, best slot"}
+    assert all(0.0 <= v <= 1.0 for v in mass.values())
+    assert mass["shape"] + mass["absent shape"] <= 1.0 + 1e-6  # the three shapes share one softmax
+    assert mass["shape, best slot"] >= mass["shape"]
+    assert probe.main(["--workdir", str(workdir), "--scenes", "4", "--slot-mass"]) == 0
+    assert "mean probability mass per slot" in capsys.readouterr().out

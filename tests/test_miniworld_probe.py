@@ -66,6 +66,13 @@ def test_straight_through_ranks_are_ranks_of_the_encoder_vocabulary(capsys):
     assert probe.main(["--st-ranks", "--scenes", "2", "--draws", "1", "--context", "colours",
                        "--t-range", "500", "900"]) == 0
     assert "colours context, t in [500, 900)" in capsys.readouterr().out
+    # Per word: every word of the 31 has a mean rank, and they are ranks of 31 words (mean 15.0).
+    per_word = probe.straight_through_ranks(decoder, scenes.evaluation_indices(4), num_tokens=6, draws=1,
+                                            per_word=True)
+    words = {k: v for k, v in per_word.items() if k.startswith("word ")}
+    assert len(words) == 31 and abs(sum(words.values()) / 31 - per_word["chance"]) < 1e-6
+    assert probe.main(["--st-ranks", "--scenes", "2", "--draws", "1", "--per-word"]) == 0
+    assert "per word, most favoured first: " in capsys.readouterr().out
     with pytest.raises(ValueError, match="context"):
         probe.straight_through_ranks(decoder, [0], context="grammar")
 
@@ -92,3 +99,9 @@ def test_the_committed_decoder_rewards_right_shape_words_even_without_positions(
     loss = probe.probe(decoder, scenes.evaluation_indices(32), texts, draws=2, timestep=700)
     assert (loss["colour shape + background"] < loss["colours + background"]
             < loss["colour WRONG shape + background"]), loss
+
+
+def test_slot_mass_needs_a_training_run(capsys):
+    with pytest.raises(SystemExit):
+        probe.main(["--slot-mass", "--scenes", "2"])
+    assert "--slot-mass needs --workdir" in capsys.readouterr().err

@@ -295,6 +295,29 @@ def test_a_timestep_curriculum_moves_the_noise_levels_over_training(decoder):
         model_with(timestep_range=(0.8, 1.0), timestep_range_final=(0.5, 0.9), timestep_ramp_fraction=0)
 
 
+def test_log_mean_reduction_averages_log_errors_and_keeps_the_plain_loss_as_a_metric(decoder):
+    """loss.reduction="log_mean": the objective is the mean of the per-example log MSE, so by Jensen
+    it is at most the log of the plain mean; the denoising_loss metric stays the plain mean."""
+
+    def model_with(**loss):
+        config = tiny_config()
+        config.loss = ml_collections.ConfigDict(loss)
+        return builders.build_model(config, decoder)[:2]
+
+    plain, init_params = model_with(timestep_range=(0.0, 1.0))
+    logged, _ = model_with(timestep_range=(0.0, 1.0), reduction="log_mean")
+    params = jax.jit(init_params)(jax.random.key(1))
+    frozen, batch, rng = {"decoder": decoder.params}, make_batch(), jax.random.key(2)
+    mean_loss, aux = plain.loss(params, frozen, batch, rng, jnp.float32(1.0))
+    log_loss, log_aux = logged.loss(params, frozen, batch, rng, jnp.float32(1.0))
+    np.testing.assert_allclose(log_aux["denoising_loss"], aux["denoising_loss"], rtol=1e-6)
+    assert float(log_loss) < float(np.log(mean_loss))  # t differs per example: the MSEs differ
+    grads = jax.grad(lambda p: logged.loss(p, frozen, batch, rng, jnp.float32(1.0))[0])(params)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    with pytest.raises(ValueError, match="loss.reduction"):
+        model_with(timestep_range=(0.0, 1.0), reduction="median")
+
+
 def test_sharded_steps_with_the_diversity_term_match_one_device(decoder):
     """The diversity term averages over the whole (sharded) batch: 4 x 2 devices must agree with one."""
     config = tiny_config()

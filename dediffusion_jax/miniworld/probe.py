@@ -144,7 +144,8 @@ def _context_words(scene: scenes.Scene, num_tokens: int) -> list[str]:
 
 def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens: int = 12, draws: int = 8,
                            seed: int = 0, context: str = "random",
-                           timesteps: tuple[int, int] | None = None) -> dict[str, float]:
+                           timesteps: tuple[int, int] | None = None,
+                           per_word: bool = False) -> dict[str, float]:
     """Does the gradient an encoder receives through the token embeddings point at the right words?
 
     For each scene, a text of `num_tokens` words goes through the decoder's text encoder as token
@@ -155,7 +156,8 @@ def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens:
     straight-through estimator's signal, and the soft relaxation's at a one-hot point), with t drawn
     from `timesteps` = [lo, hi) (default: the upper half). Returns the mean rank (0 = most favoured) of
     the scene's background word, its object colours and shapes, the shapes and colours it does not
-    have; an uninformative gradient ranks them all at (vocabulary - 1) / 2.
+    have; an uninformative gradient ranks them all at (vocabulary - 1) / 2. `per_word` adds each
+    word's mean rank over all scenes as "word WORD".
     """
     if context not in RANK_CONTEXTS:
         raise ValueError(f"context={context!r}; choose one of {RANK_CONTEXTS}")
@@ -212,7 +214,42 @@ def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens:
         out["shape"] += [r[col[o.shape]] for o in scene.objects]
         out["absent colour"] += [r[col[c]] for c in scenes.COLOURS if c not in present]
         out["absent shape"] += [r[col[x]] for x in scenes.SHAPES if x not in shapes]
-    return {k: float(np.mean(v)) for k, v in out.items()} | {"chance": (len(vocab) - 1) / 2}
+    words = {f"word {w}": float(rank[:, j].mean()) for j, w in enumerate(vocab)} if per_word else {}
+    return {k: float(np.mean(v)) for k, v in out.items()} | words | {"chance": (len(vocab) - 1) / 2}
+
+
+def slot_word_mass(workdir: str | Path, indices: Sequence[int]) -> dict[str, float]:
+    """How much of a trained encoder's word distribution (softmax of its logits, per slot, averaged
+    over slots and scenes) falls on each kind of word of the scene: its background, its object
+    colours and shapes, and shapes it does not have.
+
+    Why: with the soft relaxation the encoder trains through Gumbel samples of this distribution,
+    but the text is its per-slot argmax; a kind of word can carry real mass in training and still
+    never be the argmax (docs/miniworld.md, "Why shape words stay out of the argmax text").
+    Also returns "shape, best slot": the mass on the scene's shapes in the slot that has the most.
+    """
+    from dediffusion_jax.train import checkpoint
+
+    _, model, trainable, frozen = checkpoint.load_for_inference(Path(workdir))
+    logits = np.asarray(jax.jit(model.logits)(trainable, frozen, scenes.images_of(np.asarray(indices))))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)  # [B, N, V]; excluded words have -inf logits -> 0
+    tok = model.decoder.tokenizer
+
+    def ids(words: Sequence[str]) -> list[int]:
+        return [int(tok.convert_tokens_to_ids(f"{w}</w>")) for w in words]
+
+    out: dict[str, list[float]] = {"background": [], "colour": [], "shape": [], "absent shape": [],
+                                   "shape, best slot": []}
+    for p, i in zip(probs, indices):
+        scene = scenes.scene_from_index(int(i))
+        shapes = sorted({o.shape for o in scene.objects})
+        out["background"].append(p[:, ids([scene.background])].sum(-1).mean())
+        out["colour"].append(p[:, ids(sorted({o.colour for o in scene.objects}))].sum(-1).mean())
+        out["shape"].append(p[:, ids(shapes)].sum(-1).mean())
+        out["absent shape"].append(p[:, ids([x for x in scenes.SHAPES if x not in shapes])].sum(-1).mean())
+        out["shape, best slot"].append(p[:, ids(shapes)].sum(-1).max())
+    return {k: float(np.mean(v)) for k, v in out.items()}
 
 
 def de_diffusion_texts(workdir: str | Path, indices: Sequence[int]) -> tuple[Decoder, dict[scenes.Scene, str]]:
@@ -240,8 +277,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: where the straight-through gradient ranks the right words (straight_through_ranks)")
     p.add_argument("--context", choices=RANK_CONTEXTS, default="random",
                    help="--st-ranks: the text the gradient is taken at")
+    p.add_argument("--per-word", action="store_true",
+                   help="--st-ranks: also every word's mean rank, most favoured first")
     p.add_argument("--t-range", type=int, nargs=2, metavar=("LO", "HI"),
                    help="--st-ranks: draw t from [LO, HI) (default: the upper half)")
+    p.add_argument("--slot-mass", action="store_true",
+                   help="with --workdir, instead: the probability mass its encoder puts on each kind "
+                        "of the scene's words (slot_word_mass)")
     p.add_argument("--contrast", action="store_true",
                    help=f"instead: how much the text states move per word swap in {CONTRAST_CAPTION!r}")
     args = p.parse_args(argv)
@@ -249,11 +291,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.st_ranks:
         ranks = straight_through_ranks(load_decoder(args.decoder), indices, draws=args.draws,
                                        context=args.context,
-                                       timesteps=tuple(args.t_range) if args.t_range else None)
+                                       timesteps=tuple(args.t_range) if args.t_range else None,
+                                       per_word=args.per_word)
+        words = sorted(((k[5:], ranks.pop(k)) for k in list(ranks) if k.startswith("word ")),
+                       key=lambda kv: kv[1])
         print(f"straight-through mean rank (0 = most favoured, chance {ranks.pop('chance'):.1f}) on "
               f"{len(indices)} held-out scenes, {args.draws} draws, {args.context} context"
               + (f", t in [{args.t_range[0]}, {args.t_range[1]})" if args.t_range else "") + ": "
               + ", ".join(f"{k} {v:.2f}" for k, v in ranks.items()))
+        if words:
+            print("per word, most favoured first: " + ", ".join(f"{w} {r:.1f}" for w, r in words))
+        return 0
+    if args.slot_mass:
+        if not args.workdir:
+            p.error("--slot-mass needs --workdir (a trained De-Diffusion run)")
+        mass = slot_word_mass(args.workdir, indices)
+        print(f"mean probability mass per slot of {args.workdir}'s encoder on {len(indices)} held-out "
+              "scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in mass.items()))
         return 0
     if args.contrast:
         decoder = load_decoder(args.decoder)

@@ -14,6 +14,7 @@ The config fields read here (see configs/*.py for full experiment files):
   loss.timestep_range    [lo, hi) fractions of the decoder's timesteps the loss samples
   loss.timestep_range_final, loss.timestep_ramp_fraction   optional curriculum: the window slides
                          linearly to timestep_range_final over that fraction of total_steps
+  loss.reduction         'mean' (the decoder's loss) or 'log_mean' (mean log MSE per example)
   dtype, remat
 """
 
@@ -85,7 +86,7 @@ def build_model(
         token_path=str(q.token_path),
         rows_per_chunk=int(q.get("rows_per_chunk", 16)),
         diversity_weight=float(q.get("diversity_weight", 0.0)),
-        **timestep_fields(config),
+        **loss_fields(config),
     )
     size = int(config.backbone.image_size)
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -96,12 +97,14 @@ def build_model(
     return model, init_params, pretrained
 
 
-def timestep_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """DeDiffusion's timestep fields from config.loss: timestep_range, and the optional curriculum
-    timestep_range_final (None/empty = off) reached after timestep_ramp_fraction of total_steps."""
+def loss_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """DeDiffusion's loss fields from config.loss: timestep_range, reduction, and the optional
+    curriculum timestep_range_final (None/empty = off) reached after timestep_ramp_fraction of
+    total_steps."""
     loss = config.get("loss", {})
     fields: dict[str, Any] = dict(
-        timestep_range=tuple(float(x) for x in loss.get("timestep_range", (0.0, 1.0))))
+        timestep_range=tuple(float(x) for x in loss.get("timestep_range", (0.0, 1.0))),
+        reduction=str(loss.get("reduction", "mean")))
     final = loss.get("timestep_range_final", None)
     if final:
         fraction = float(loss.get("timestep_ramp_fraction", 1.0))

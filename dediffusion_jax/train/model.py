@@ -30,6 +30,7 @@ from dediffusion_jax.t2i.folder import Decoder
 
 Array = jax.Array
 TOKEN_PATHS = ("fused", "soft")
+REDUCTIONS = ("mean", "log_mean")
 # Token statistics (entropy, distinct tokens) are computed on at most this many examples, so that the
 # dense [B, N, V] logits they need stay small at V = 49,408.
 STATS_EXAMPLES = 16
@@ -56,6 +57,10 @@ class DeDiffusion:
     # to timestep_range_final at step timestep_ramp_steps, then stays there.
     timestep_range_final: tuple[float, float] | None = None
     timestep_ramp_steps: int = 0
+    # How the per-example MSEs make the objective: "mean" (the decoder's own loss, the paper) or
+    # "log_mean" (mean of log MSE: each example counts by its RELATIVE error, so high-noise examples,
+    # whose MSE is many times larger, stop drowning the rest). Not in the paper.
+    reduction: str = "mean"
 
     def __post_init__(self) -> None:
         schedules.timestep_bounds(self.decoder.schedule, self.timestep_range)  # fail at build time
@@ -64,6 +69,8 @@ class DeDiffusion:
             if self.timestep_ramp_steps <= 0:
                 raise ValueError("a timestep curriculum (loss.timestep_range_final) needs "
                                  f"timestep_ramp_steps > 0, got {self.timestep_ramp_steps}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"loss.reduction={self.reduction!r}; choose one of {REDUCTIONS}")
         if self.token_path not in TOKEN_PATHS:
             raise ValueError(f"quantizer.token_path={self.token_path!r}; choose one of {TOKEN_PATHS}")
         context = self.decoder.context_length
@@ -194,10 +201,11 @@ class DeDiffusion:
         per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
         denoising = jnp.mean(per_example)
         aux = {"features": features, "denoising_loss": denoising}
+        objective = denoising if self.reduction == "mean" else jnp.mean(jnp.log(per_example + 1e-8))
         if not self.diversity_weight:
-            return denoising, aux
+            return objective, aux
         aux["slot_usage_entropy"] = self.slot_usage_entropy(trainable, features)
-        return denoising + self.diversity_weight * (1.0 - aux["slot_usage_entropy"]), aux
+        return objective + self.diversity_weight * (1.0 - aux["slot_usage_entropy"]), aux
 
     def slot_usage_entropy(self, trainable: Any, features: Array) -> Array:
         """How varied each slot's word is across the batch: the entropy of the batch-mean softmax of

@@ -1,0 +1,93 @@
+"""Where a world train step's time goes on this machine: data, the whole step, and its parts.
+
+    python bench/miniworld_step_breakdown.py [--config-arg ARG] [--iters 30]
+
+Times (median of --iters, after a warm-up): the host data pipeline alone (next batch), the jitted
+train step on a fixed batch, and inside it the encoder forward (images -> text states), the frozen
+UNet forward, and the UNet forward + backward to its text states (what the encoder's gradient costs).
+The step's budget is what the 15-minute demo can afford (docs/miniworld.md, "The demo").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dediffusion_jax.t2i import schedules  # noqa: E402
+from dediffusion_jax.train import step as step_lib  # noqa: E402
+from dediffusion_jax.train.cli import load_config_file  # noqa: E402
+from dediffusion_jax.train.loop import build_parts, load_decoder_for, make_data  # noqa: E402
+
+
+def median_seconds(fn, iters: int) -> float:
+    fn()  # warm-up (compile)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config-arg", default="")
+    p.add_argument("--iters", type=int, default=30)
+    args = p.parse_args(argv)
+    spec = str(REPO / "configs" / "miniworld.py") + (f":{args.config_arg}" if args.config_arg else "")
+    config = load_config_file(spec)
+    decoder = load_decoder_for(config)
+    parts = build_parts(config, decoder)
+    model = parts.model
+    key = jax.random.key(0)
+    frozen = parts.frozen_params(key)
+    state = jax.jit(parts.init_state)(key, parts.state_backbone_arg)
+
+    data_iter = iter(make_data(config, decoder))
+    results = {"data: next batch (host)": median_seconds(lambda: next(data_iter), args.iters)}
+    batch = {k: jnp.asarray(v) for k, v in next(data_iter).items() if k in ("backbone", "decoder")}
+
+    step = jax.jit(step_lib.make_step_fn(model, parts.optimizer, parts.lr_fn, parts.temperature_fn))
+    results["train step (jit, fixed batch)"] = median_seconds(lambda: step(state, frozen, batch, key)[1]["loss"],
+                                                              args.iters)
+    temp = jnp.float32(1.0)
+    states_fn = jax.jit(lambda tr, im: model.text_states(tr, frozen, im, key, temp)[0])
+    results["encoder -> text states (forward)"] = median_seconds(lambda: states_fn(state.params, batch["backbone"]),
+                                                                 args.iters)
+    states = states_fn(state.params, batch["backbone"])
+    unet = model.decoder.unet
+    unet_params = frozen["decoder"]["unet"]
+    b = batch["decoder"].shape[0]
+    t = jnp.full((b,), 900, jnp.int32)
+    x_t = schedules.add_noise(model.decoder.schedule, batch["decoder"], jnp.zeros_like(batch["decoder"]), t)
+    fwd = jax.jit(lambda s: unet.apply({"params": unet_params}, x_t, t, s))
+    cost = fwd.lower(states).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    unet_gflop = float((cost or {}).get("flops", 0.0)) / 1e9
+    results["UNet forward"] = median_seconds(lambda: fwd(states), args.iters)
+    bwd = jax.jit(jax.grad(lambda s: jnp.mean(jnp.square(unet.apply({"params": unet_params}, x_t, t, s)))))
+    results["UNet forward + backward to text states"] = median_seconds(lambda: bwd(states), args.iters)
+
+    print(f"batch {b}, {jax.device_count()} device(s) {jax.devices()[0].platform}; median of {args.iters}:")
+    for name, sec in results.items():
+        print(f"  {name:45s} {sec * 1e3:8.1f} ms")
+    n_params = sum(x.size for x in jax.tree.leaves(unet_params))
+    print(f"  UNet: {n_params / 1e6:.2f}M parameters, {unet_gflop:.1f} GFLOP per forward (XLA's count), "
+          f"{unet_gflop / results['UNet forward']:.1f} GFLOP/s")
+    print(f"  => {1.0 / results['train step (jit, fixed batch)']:.2f} steps/s without the data pipeline")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
