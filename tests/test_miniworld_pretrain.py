@@ -93,3 +93,62 @@ def test_a_fine_tune_starts_from_the_folder_and_unmixed_embeddings_equal_the_ids
     wrong = argparse.Namespace(**{**vars(args), "init_from": str(tmp_path / "tiny")})
     with pytest.raises(folder.DecoderFolderError, match="differ from this script"):
         pretrain_decoder.Trainer(wrong).init_state()
+
+
+def test_a_frozen_world_clip_text_encoder_stays_out_of_the_optimizer(tmp_path):
+    import argparse
+
+    import jax
+
+    backbone = "dediffusion_jax/miniworld/assets/backbone"
+    args = argparse.Namespace(seed=0, lr=1e-3, lr_end=1e-5, warmup=1, steps=2, batch=4, soup_fraction=0.0,
+                              mix_fraction=0.0, init_from=None, text_encoder_from=backbone,
+                              freeze_text_encoder=True)
+    trainer = pretrain_decoder.Trainer(args)
+    state = trainer.init_state()
+    tower = pretrain_decoder.text_tower_of(backbone, trainer.text_config)
+    before_text = jax.tree_util.tree_map(np.asarray, state["params"]["text_encoder"])
+    before_unet = np.asarray(state["params"]["unet"]["conv_in"]["kernel"]).copy()
+    for got, want in zip(jax.tree_util.tree_leaves(before_text), jax.tree_util.tree_leaves(tower)):
+        np.testing.assert_array_equal(got, np.asarray(want))
+    # The optimizer holds moments for the UNet only.
+    adam = state["opt_state"][1][0]  # chain(clip, adam) -> adam's (scale_by_adam, scale_by_schedule)
+    assert set(adam.mu) == set(adam.nu) == {"unet"}
+
+    for step in range(2):
+        state, metrics = trainer.step(state, step)
+    assert np.isfinite(float(metrics["loss"]))
+    for got, want in zip(jax.tree_util.tree_leaves(state["params"]["text_encoder"]),
+                         jax.tree_util.tree_leaves(before_text)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert not np.array_equal(np.asarray(state["params"]["unet"]["conv_in"]["kernel"]), before_unet)
+
+
+def test_a_text_tower_that_does_not_fit_is_refused_with_the_reason(tmp_path):
+    trainer_config = pretrain_decoder.build_configs(world_tokenizer.load_tokenizer())[0]
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        pretrain_decoder.text_tower_of(tmp_path, trainer_config)
+    config = json.loads(open("dediffusion_jax/miniworld/assets/backbone/config.json").read())
+    config["text_config"]["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(
+        open("dediffusion_jax/miniworld/assets/backbone/model.safetensors", "rb").read())
+    with pytest.raises(pretrain_decoder.TextTowerError, match="num_hidden_layers"):
+        pretrain_decoder.text_tower_of(tmp_path, trainer_config)
+
+
+def test_resuming_with_the_other_freeze_setting_is_an_error(tmp_path, capsys):
+    common = ["--workdir", str(tmp_path / "run"), "--batch", "2", "--eval-every", "0", "--steps", "1"]
+    assert pretrain_decoder.main(common) == 0
+    assert pretrain_decoder.main(common + ["--steps", "2", "--freeze-text-encoder"]) == 2
+    assert "freeze_text_encoder=False" in capsys.readouterr().err
+
+
+def test_saving_a_step_twice_keeps_the_first_save(tmp_path):
+    import jax.numpy as jnp
+
+    manager = pretrain_decoder._checkpoint_manager(tmp_path)
+    state = {"step": jnp.asarray(3, jnp.int32), "w": jnp.ones(2)}
+    pretrain_decoder._save(manager, state)
+    pretrain_decoder._save(manager, state)  # a stop right after a periodic save: no StepAlreadyExistsError
+    assert manager.all_steps() == [3]

@@ -133,6 +133,43 @@ def token_mixing_for_step(seed: int, step: int, ids: np.ndarray, p_mix: float, t
     return words[rng.integers(0, len(words), ids.shape)].astype(ids.dtype), weights
 
 
+class TextTowerError(ValueError):
+    """A --text-encoder-from checkpoint that does not fit the decoder's text encoder."""
+
+
+def text_tower_of(folder: str | Path, text_config: clip_text.CLIPTextConfig) -> dict:
+    """The CLIP text tower (`text_model.*` weights) of a transformers CLIPModel or CLIPTextModel folder
+    (config.json + model.safetensors), as the decoder's text encoder params.
+
+    Why: Stable Diffusion conditions on a frozen, contrastively pre-trained CLIP text encoder. Trained
+    jointly from scratch, the world decoder's text encoder never learned to tell `left` from `right`
+    (docs/miniworld.md, "What still fails: left and right"); the world CLIP's text tower
+    (assets/backbone) does, since it must to match scenes to captions.
+    """
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    config_file, weights = folder / "config.json", folder / "model.safetensors"
+    for f in (config_file, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"--text-encoder-from {folder}: no {f.name} (a transformers CLIP folder, "
+                                    "safetensors weights)")
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config", config)  # CLIPModel nests the text tower's config
+    wanted = {**TEXT_CONFIG, "vocab_size": text_config.vocab_size,
+              "max_position_embeddings": text_config.max_position_embeddings,
+              "eos_token_id": text_config.eos_token_id}
+    differ = {k: (config.get(k), v) for k, v in wanted.items() if config.get(k) != v}
+    if differ:
+        raise TextTowerError(f"--text-encoder-from {folder}: its text config differs from the decoder's "
+                             f"(key: (checkpoint, decoder)) {differ}")
+    state = {k: v for k, v in load_file(str(weights)).items() if k.startswith("text_model.")}
+    if not state:
+        raise TextTowerError(f"--text-encoder-from {folder}: no text_model.* weights in {weights.name}")
+    params = clip_text.params_from_torch(state, text_config, source=str(weights))
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+
+
 def lr_schedule(peak: float, end: float, warmup: int, total: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end)
 
@@ -150,6 +187,8 @@ class Trainer:
             optax.clip_by_global_norm(1.0),
             optax.adam(lr_schedule(args.lr, args.lr_end, args.warmup, args.steps)),
         )
+        # A frozen text encoder (Stable Diffusion's recipe) stays out of the optimizer and the grads.
+        self.trainable = ("unet",) if getattr(args, "freeze_text_encoder", False) else ("text_encoder", "unet")
         self._step = jax.jit(self._train_step, donate_argnums=(0,))
 
     def init_state(self) -> dict[str, Any]:
@@ -161,11 +200,13 @@ class Trainer:
         }
         if getattr(self.args, "init_from", None):
             params = self._weights_of(self.args.init_from, params)
+        if getattr(self.args, "text_encoder_from", None):
+            params["text_encoder"] = text_tower_of(self.args.text_encoder_from, self.text_config)
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "ema": jax.tree_util.tree_map(jnp.copy, params),
-            "opt_state": self.optimizer.init(params),
+            "opt_state": self.optimizer.init({k: params[k] for k in self.trainable}),
         }
 
     def text_states(self, params: Any, ids: jax.Array, mixing: tuple[jax.Array, jax.Array] | None) -> jax.Array:
@@ -194,9 +235,12 @@ class Trainer:
     def _train_step(self, state: dict, images: jax.Array, ids: jax.Array,
                     mixing: tuple[jax.Array, jax.Array] | None = None) -> tuple[dict, dict]:
         rng = jax.random.fold_in(jax.random.key(self.args.seed + 1), state["step"])
-        loss, grads = jax.value_and_grad(self.loss_fn)(state["params"], images, ids, rng, mixing)
-        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        trained = {k: state["params"][k] for k in self.trainable}
+        frozen = {k: v for k, v in state["params"].items() if k not in self.trainable}
+        loss, grads = jax.value_and_grad(
+            lambda p: self.loss_fn({**frozen, **p}, images, ids, rng, mixing))(trained)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], trained)
+        params = {**frozen, **optax.apply_updates(trained, updates)}
         n = state["step"].astype(jnp.float32)
         decay = jnp.minimum(0.999, (1.0 + n) / (10.0 + n))
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
@@ -258,6 +302,8 @@ def _restore(manager, template: dict) -> dict | None:
 def _save(manager, state: dict) -> None:
     import orbax.checkpoint as ocp
 
+    if manager.latest_step() == int(state["step"]):  # e.g. a stop right after a periodic save
+        return
     manager.save(int(state["step"]), args=ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
 
@@ -303,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(token_mixing_for_step); the v4 experiment of docs/miniworld.md used 0.3")
     p.add_argument("--init-from", help="a decoder folder of this architecture to start from (a fine-tune; "
                                        "only when the workdir has no checkpoint yet)")
+    p.add_argument("--text-encoder-from",
+                   help="a transformers CLIP folder whose text tower starts the text encoder, e.g. the world "
+                        "CLIP dediffusion_jax/miniworld/assets/backbone (v4 used it, frozen)")
+    p.add_argument("--freeze-text-encoder", action="store_true",
+                   help="train the UNet only (Stable Diffusion's recipe; the text encoder is out of the optimizer)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=2000, help="gate evaluation period (0 = never)")
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
@@ -315,6 +366,14 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    history_path = workdir / "args_history.jsonl"
+    if not args.export and history_path.exists():  # the checkpoint's layout follows this flag
+        previous = json.loads(history_path.read_text().splitlines()[-1])
+        if bool(previous.get("freeze_text_encoder")) != args.freeze_text_encoder:
+            print(f"error: {workdir} was trained with freeze_text_encoder="
+                  f"{bool(previous.get('freeze_text_encoder'))}; resume with the same setting",
+                  file=sys.stderr)
+            return 2
     if not args.export:  # the training run's record; an export must not overwrite it
         (workdir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         with (workdir / "args_history.jsonl").open("a") as f:  # every invocation (e.g. a fine-tune phase)
@@ -337,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         args_path = workdir / "args.json"  # the (last) training invocation's arguments
         train_args = json.loads(args_path.read_text()) if args_path.exists() else None
-        history_path = workdir / "args_history.jsonl"  # every training phase (e.g. a fine-tune)
+        # every training phase (e.g. a fine-tune) is in history_path
         history = ([json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
                    if history_path.exists() else None)
         info = {"steps": int(state["step"]), "args": train_args, "args_history": history,
