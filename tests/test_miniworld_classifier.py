@@ -38,6 +38,17 @@ def test_metrics_drop_on_shuffled_pairs(committed, heldout):
     assert acc["occupancy"] < 0.8
 
 
+def test_named_object_drawn_finds_the_short_captions_object_in_any_cell(committed, heldout):
+    params, config = committed
+    images, scenes = heldout
+    assert M.named_object_drawn(params, images, scenes, config) >= 0.98  # real images hold it
+    # Images of other scenes rarely hold this scene's first object (12 kinds, 1-2 objects each).
+    perm = np.random.default_rng(0).permutation(len(scenes))
+    assert M.named_object_drawn(params, images[perm], scenes, config) < 0.35
+    empty = np.broadcast_to(images[:1, :1, :1], images.shape)  # a background-only image
+    assert M.named_object_drawn(params, np.ascontiguousarray(empty), scenes, config) < 0.1
+
+
 def test_attribute_accuracy_definitions():
     truth = S.labels_of(np.array([S.scene_to_index(S.Scene("white", (S.SceneObject("red", "circle", 0, 0),)))]))
     pred = {k: v.copy() for k, v in truth.items()}

@@ -60,6 +60,17 @@ def score_images(
     return attribute_accuracy(pred, scene_labels(scenes))
 
 
+def named_object_drawn(params: clf.Params, images: np.ndarray, scenes: Sequence[S.Scene],
+                       config: clf.ClassifierConfig = clf.ClassifierConfig()) -> float:
+    """Fraction of images drawn from a short caption ('green circle': the scene's first object) in
+    which some cell holds that object, whatever the cell: the calibration gate's last condition."""
+    pred = clf.predict_batched(params, np.asarray(images, np.float32), config=config)
+    colour = np.array([S.COLOURS.index(s.objects[0].colour) for s in scenes])[:, None]
+    shape = np.array([S.SHAPES.index(s.objects[0].shape) for s in scenes])[:, None]
+    hit = np.asarray(pred["occupied"], bool) & (pred["colour"] == colour) & (pred["shape"] == shape)
+    return float(hit.any(axis=1).mean())
+
+
 def classifier_heldout_accuracy(params: clf.Params, n: int = 512, seed: int = 0) -> dict[str, float]:
     """The classifier itself on `n` real held-out scenes (should be ~1.0 everywhere)."""
     idx = S.sample_indices(np.random.default_rng(seed), n, "heldout")

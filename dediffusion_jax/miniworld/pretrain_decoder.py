@@ -309,18 +309,24 @@ def _save(manager, state: dict) -> None:
 
 
 def evaluate_gate(trainer: Trainer, params: Any, num_scenes: int = 128, guidance: float = 3.0) -> dict:
-    """The calibration's quality gate: held-out scenes drawn from their FULL captions, classified."""
+    """The calibration's quality gate: held-out scenes drawn from their FULL captions, classified; and
+    `short_caption_object`: how often a short caption's object ('green circle') is drawn at all."""
     from dediffusion_jax.miniworld import classifier, metrics
     from dediffusion_jax.t2i import pipeline
 
     idx = scenes.evaluation_indices(num_scenes)
-    texts = [captions.full_caption(scenes.scene_from_index(int(i))) for i in idx]
-    images = pipeline.generate(
-        trainer.decoder(params), texts, num_steps=25, guidance_scale=guidance, seed=1234, batch_size=64
-    )
-    as_float = images.astype(np.float32) / 127.5 - 1.0
+    held_out = [scenes.scene_from_index(int(i)) for i in idx]
     clf_params, clf_config = classifier.load_classifier()
-    return metrics.score_images(clf_params, as_float, idx, clf_config)
+
+    def draw(texts: list[str]) -> np.ndarray:
+        images = pipeline.generate(trainer.decoder(params), texts, num_steps=25, guidance_scale=guidance,
+                                   seed=1234, batch_size=64)
+        return images.astype(np.float32) / 127.5 - 1.0
+
+    gate = metrics.score_images(clf_params, draw([captions.full_caption(s) for s in held_out]), idx, clf_config)
+    short = draw([captions.short_caption(s) for s in held_out])
+    gate["short_caption_object"] = metrics.named_object_drawn(clf_params, short, held_out, clf_config)
+    return gate
 
 
 def export(trainer: Trainer, params: Any, out: Path, info: dict, weights_dtype: str = "float16") -> Any:
@@ -346,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fraction of word-soup captions (captions.word_soup_caption); v3 fine-tuned with 0.25")
     p.add_argument("--mix-fraction", type=float, default=0.0,
                    help="fraction of captions with word embeddings blended with random words "
-                        "(token_mixing_for_step); the v4 experiment of docs/miniworld.md used 0.3")
+                        "(token_mixing_for_step); the word-mixing experiment of docs/miniworld.md used 0.3")
     p.add_argument("--init-from", help="a decoder folder of this architecture to start from (a fine-tune; "
                                        "only when the workdir has no checkpoint yet)")
     p.add_argument("--text-encoder-from",
@@ -367,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     history_path = workdir / "args_history.jsonl"
-    if not args.export and history_path.exists():  # the checkpoint's layout follows this flag
+    if history_path.exists():  # the checkpoint's layout (optimizer state) follows this flag
         previous = json.loads(history_path.read_text().splitlines()[-1])
-        if bool(previous.get("freeze_text_encoder")) != args.freeze_text_encoder:
+        if args.export:
+            args.freeze_text_encoder = bool(previous.get("freeze_text_encoder"))
+        elif bool(previous.get("freeze_text_encoder")) != args.freeze_text_encoder:
             print(f"error: {workdir} was trained with freeze_text_encoder="
                   f"{bool(previous.get('freeze_text_encoder'))}; resume with the same setting",
                   file=sys.stderr)
