@@ -34,12 +34,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dediffusion_jax.demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="workdirs/demo")
     p.add_argument("--config-arg", default="", help="argument of configs/miniworld.py, e.g. tokens=8")
-    # 600 steps and 20 DDIM steps: what fits the 15-minute budget from a fresh clone on a 2-core CPU
-    # (13.3 min measured 2026-12-01 at 1.28-1.38 steps/s; 800 steps with DDIM 25 took 16.3 min that
-    # day); the config's own default is 1,000 (docs/miniworld.md).
+    # 600 steps and 15 DDIM steps: what fits the 15-minute budget from a fresh clone on a 2-core CPU
+    # (with DDIM 20 the demo took 13.3-14.2 min after a 1.3 min install, 2026-12-01; 800 steps with
+    # DDIM 25 took 16.3 min); the config's own default is 1,000 (docs/miniworld.md).
     p.add_argument("--steps", type=int, default=600, help="training steps (0: the config's)")
     p.add_argument("--eval-scenes", type=int, default=256, help="held-out scenes to evaluate (of 364)")
-    p.add_argument("--ddim-steps", type=int, default=20)
+    p.add_argument("--ddim-steps", type=int, default=15)
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance; 3 binds attributes better (assets/decoder/README.md) "
                         "but doubles the evaluation time, which would break the 15-minute budget")
