@@ -34,12 +34,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dediffusion_jax.demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="workdirs/demo")
     p.add_argument("--config-arg", default="", help="argument of configs/miniworld.py, e.g. tokens=8")
-    # 600 steps and 15 DDIM steps: what fits the 15-minute budget from a fresh clone on a 2-core CPU
-    # (with DDIM 20 the demo took 13.3-14.2 min after a 1.3 min install, 2026-12-01; 800 steps with
-    # DDIM 25 took 16.3 min); the config's own default is 1,000 (docs/miniworld.md).
+    # 600 steps and 12 DDIM steps: what fits the 15-minute budget from a fresh clone on a 2-core CPU
+    # with a margin (2026-12-01, decoder v4, after a 1.3 min install: DDIM 12 12.4 min, DDIM 15 13.6,
+    # DDIM 20 14.2, with the same metrics within 0.01 but world-FID; 800 steps with DDIM 25 took 16.3);
+    # the config's own default is 1,000 (docs/miniworld.md).
     p.add_argument("--steps", type=int, default=600, help="training steps (0: the config's)")
     p.add_argument("--eval-scenes", type=int, default=256, help="held-out scenes to evaluate (of 364)")
-    p.add_argument("--ddim-steps", type=int, default=15)
+    p.add_argument("--ddim-steps", type=int, default=12)
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance; 3 binds attributes better (assets/decoder/README.md) "
                         "but doubles the evaluation time, which would break the 15-minute budget")
