@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -98,8 +99,6 @@ def test_a_fine_tune_starts_from_the_folder_and_unmixed_embeddings_equal_the_ids
 def test_a_frozen_world_clip_text_encoder_stays_out_of_the_optimizer(tmp_path):
     import argparse
 
-    import jax
-
     backbone = "dediffusion_jax/miniworld/assets/backbone"
     args = argparse.Namespace(seed=0, lr=1e-3, lr_end=1e-5, warmup=1, steps=2, batch=4, soup_fraction=0.0,
                               mix_fraction=0.0, init_from=None, text_encoder_from=backbone,
@@ -142,6 +141,20 @@ def test_resuming_with_the_other_freeze_setting_is_an_error(tmp_path, capsys):
     assert pretrain_decoder.main(common) == 0
     assert pretrain_decoder.main(common + ["--steps", "2", "--freeze-text-encoder"]) == 2
     assert "freeze_text_encoder=False" in capsys.readouterr().err
+
+
+def test_a_run_with_a_frozen_text_encoder_exports_that_encoder(tmp_path):
+    backbone = "dediffusion_jax/miniworld/assets/backbone"
+    workdir, out = tmp_path / "run", tmp_path / "decoder"
+    assert pretrain_decoder.main(["--workdir", str(workdir), "--batch", "2", "--eval-every", "0", "--steps", "1",
+                                  "--text-encoder-from", backbone, "--freeze-text-encoder"]) == 0
+    # The export rebuilds the run's state layout (no text-encoder optimizer state) from its record.
+    assert pretrain_decoder.main(["--workdir", str(workdir), "--export", str(out), "--eval-every", "0",
+                                  "--export-dtype", "float32"]) == 0
+    exported = folder.load_decoder(out, load_vae=False).params["text_encoder"]
+    tower = pretrain_decoder.text_tower_of(backbone, folder.load_decoder(out, load_vae=False).text_config)
+    for got, want in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(tower)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_saving_a_step_twice_keeps_the_first_save(tmp_path):

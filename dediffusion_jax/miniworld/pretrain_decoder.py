@@ -10,6 +10,10 @@ exact resume (the data of step n is a function of (seed, n)), and SIGTERM/SIGINT
     python -m dediffusion_jax.miniworld.pretrain_decoder --workdir workdirs/decoder --steps 12000
     python -m dediffusion_jax.miniworld.pretrain_decoder --workdir workdirs/decoder --export DIR
 
+The committed decoder (v4) conditions on the world CLIP's text tower, frozen, as Stable Diffusion
+conditions on CLIP's: `--text-encoder-from dediffusion_jax/miniworld/assets/backbone
+--freeze-text-encoder` (assets/decoder/README.md has its exact commands).
+
 The exported folder is loaded by `t2i.folder.load_decoder` exactly like a real Stable Diffusion folder.
 """
 
@@ -143,7 +147,7 @@ def text_tower_of(folder: str | Path, text_config: clip_text.CLIPTextConfig) -> 
 
     Why: Stable Diffusion conditions on a frozen, contrastively pre-trained CLIP text encoder. Trained
     jointly from scratch, the world decoder's text encoder never learned to tell `left` from `right`
-    (docs/miniworld.md, "What still fails: left and right"); the world CLIP's text tower
+    (docs/miniworld.md, "What failed in v3: left and right"); the world CLIP's text tower
     (assets/backbone) does, since it must to match scenes to captions.
     """
     from safetensors.numpy import load_file
@@ -240,10 +244,13 @@ class Trainer:
         loss, grads = jax.value_and_grad(
             lambda p: self.loss_fn({**frozen, **p}, images, ids, rng, mixing))(trained)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], trained)
-        params = {**frozen, **optax.apply_updates(trained, updates)}
+        trained = optax.apply_updates(trained, updates)
+        params = {**frozen, **trained}
         n = state["step"].astype(jnp.float32)
         decay = jnp.minimum(0.999, (1.0 + n) / (10.0 + n))
-        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+        # Frozen weights are copied, not averaged: an average of a constant drifts by rounding.
+        ema = {**frozen, **jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p,
+                                                  {k: state["ema"][k] for k in self.trainable}, trained)}
         new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
