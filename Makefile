@@ -17,7 +17,7 @@ install: $(STAMP)
 
 ## The main job: the end-to-end demo (see README).
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) -m dediffusion_jax.demo --workdir workdirs/demo
+	HF_HUB_OFFLINE=1 $(PY) -m projects.miniworld.demo --workdir workdirs/demo
 
 ## The default test run (< 20 min on 2 cores): everything but tests marked slow.
 test: install

@@ -15,8 +15,8 @@ setup(
     version="0.1.0",
     description="De-Diffusion: an autoencoder whose latent is text, in JAX/Flax",
     python_requires=">=3.11",
-    packages=find_packages(include=["dediffusion_jax", "dediffusion_jax.*"]),
-    package_data={"dediffusion_jax": ["miniworld/assets/**/*"]},
+    packages=find_packages(include=["dediffusion_jax", "dediffusion_jax.*", "projects", "projects.*"]),
+    package_data={"projects.miniworld": ["assets/**/*"]},
     install_requires=_pins("requirements.txt"),
     extras_require={"dev": _pins("requirements-dev.txt")},
 )

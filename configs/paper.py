@@ -13,14 +13,7 @@ encoder.pooler_blocks (3/5/9), vocab.exclude_punctuation, backbone.frozen / back
 ('' = random init; train it with backbone.frozen=False), data.source.
 """
 
-import sys
-from pathlib import Path
-
-try:
-    from configs import common
-except ImportError:  # loaded by path from outside the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from configs import common
+from dediffusion_jax import config as common
 
 
 def get_config(arg: str | None = None):

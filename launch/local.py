@@ -1,6 +1,6 @@
 """Train on this machine (CPU or its GPUs), optionally as N local processes that act as N hosts.
 
-    python launch/local.py --config configs/miniworld.py --workdir workdirs/run1 \\
+    python launch/local.py --config projects/miniworld/configs/world.py --workdir workdirs/run1 \\
         [--config.key=value ...] [--platform auto|cpu|gpu] [--devices-per-process K] \\
         [--processes N] [--port P] [--dry-run]
 
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train dediffusion_jax on this machine (optionally as N local 'hosts').",
         epilog="Any --config.key=value (or --config.key value, or anything after --) is passed "
                "to the trainer unchanged.")
-    p.add_argument("--config", help="experiment config, e.g. configs/miniworld.py")
+    p.add_argument("--config", help="experiment config, e.g. projects/miniworld/configs/world.py")
     p.add_argument("--workdir", help="checkpoints and metrics (a local path or gs://)")
     p.add_argument("--platform", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: whatever JAX finds (default); cpu / gpu: force it")

@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.t2i import tiny
 from dediffusion_jax.train import cli, loop
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = f"{REPO}/configs/paper.py"
-MINIWORLD = f"{REPO}/configs/miniworld.py"
+MINIWORLD = f"{REPO}/projects/miniworld/configs/world.py"
 
 
 def n_params(tree) -> int:
@@ -61,7 +61,7 @@ def test_miniworld_config_fits_the_world_decoder_context(decoder77):
     c = cli.load_config_file(MINIWORLD)
     assert c.encoder.num_queries + 2 <= world_tokenizer.CONTEXT_LENGTH
     assert c.data.source == "miniworld:train" and c.batch_size == 32
-    assert c.decoder.path.endswith("dediffusion_jax/miniworld/assets/decoder")
+    assert c.decoder.path.endswith("projects/miniworld/assets/decoder")
     parts = loop.build_parts(c, decoder77)
     assert parts.model.num_tokens == 12
     assert 0.5e6 < n_params(parts.abstract_state.params) < 2e6

@@ -6,8 +6,8 @@ import json
 
 from PIL import Image
 
-from dediffusion_jax import demo
-from dediffusion_jax.miniworld import probe, scenes
+from projects.miniworld import demo
+from projects.miniworld import probe, scenes
 
 SOURCES = ["De-Diffusion text", "full caption (upper ref.)", "short caption", "short caption + background",
            "empty text (lower ref.)"]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dediffusion_jax import encode
-from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.parallel.mesh import make_mesh
 from dediffusion_jax.t2i import tiny
 from dediffusion_jax.train import builders

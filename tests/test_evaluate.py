@@ -14,7 +14,7 @@ from dediffusion_jax import evaluate
 from dediffusion_jax.evaluation import reconstruction as rc
 from dediffusion_jax.evaluation import report
 from dediffusion_jax.evaluation import text_sources as ts
-from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.t2i import folder, tiny
 from test_encode import tiny_dediffusion
 

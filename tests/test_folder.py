@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dediffusion_jax.miniworld.tokenizer import DEFAULT_DIR as TOKENIZER_DIR
+from projects.miniworld.tokenizer import DEFAULT_DIR as TOKENIZER_DIR
 from dediffusion_jax.t2i import clip_text, convert, folder, tiny
 from dediffusion_jax.t2i.folder import DecoderFolderError, load_decoder, save_decoder
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dediffusion_jax import generate
-from dediffusion_jax.miniworld.tokenizer import DEFAULT_DIR as TOKENIZER_DIR
+from projects.miniworld.tokenizer import DEFAULT_DIR as TOKENIZER_DIR
 from dediffusion_jax.parallel.mesh import make_mesh
 from dediffusion_jax.t2i import pipeline, tiny
 from dediffusion_jax.t2i.folder import load_decoder, save_decoder

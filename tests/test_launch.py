@@ -325,11 +325,11 @@ def test_slurm_rejects_bad_arguments(capsys, args, message):
 # ------------------------------------------------------------------------------------- local
 
 def test_local_dry_run_single_process(capsys):
-    assert local.main(["--config", "configs/miniworld.py", "--workdir", "w d", "--platform", "gpu",
+    assert local.main(["--config", "projects/miniworld/configs/world.py", "--workdir", "w d", "--platform", "gpu",
                        "--python", "py", "--dry-run", *NASTY]) == 0
     (cmd,) = _commands(capsys.readouterr().out)
     assert cmd == ["env", "JAX_PLATFORMS=cuda", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90", "py", "-m",
-                   "dediffusion_jax.train", "--config", "configs/miniworld.py", "--workdir", "w d",
+                   "dediffusion_jax.train", "--config", "projects/miniworld/configs/world.py", "--workdir", "w d",
                    *NASTY]
 
 

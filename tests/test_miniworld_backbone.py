@@ -12,9 +12,9 @@ import pytest
 import torch
 import transformers
 
-from configs import miniworld as miniworld_config
-from dediffusion_jax.miniworld import pretrain_backbone, scenes
-from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+from projects.miniworld.configs import world as miniworld_config
+from projects.miniworld import pretrain_backbone, scenes
+from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.models import vit
 from dediffusion_jax.train import builders
 

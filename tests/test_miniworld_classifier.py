@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from dediffusion_jax.miniworld import classifier as C
-from dediffusion_jax.miniworld import metrics as M
-from dediffusion_jax.miniworld import scenes as S
+from projects.miniworld import classifier as C
+from projects.miniworld import metrics as M
+from projects.miniworld import scenes as S
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from dediffusion_jax.miniworld import pretrain_decoder, tokenizer as world_tokenizer
+from projects.miniworld import pretrain_decoder, tokenizer as world_tokenizer
 from dediffusion_jax.t2i import folder, tiny
 
 
@@ -73,7 +73,7 @@ def test_a_fine_tune_starts_from_the_folder_and_unmixed_embeddings_equal_the_ids
 
     import jax.numpy as jnp
 
-    committed = "dediffusion_jax/miniworld/assets/decoder"
+    committed = "projects/miniworld/assets/decoder"
     args = argparse.Namespace(seed=0, lr=1e-4, lr_end=1e-5, warmup=1, steps=2, batch=4, soup_fraction=0.0,
                               mix_fraction=0.3, init_from=committed)
     trainer = pretrain_decoder.Trainer(args)
@@ -99,7 +99,7 @@ def test_a_fine_tune_starts_from_the_folder_and_unmixed_embeddings_equal_the_ids
 def test_a_frozen_world_clip_text_encoder_stays_out_of_the_optimizer(tmp_path):
     import argparse
 
-    backbone = "dediffusion_jax/miniworld/assets/backbone"
+    backbone = "projects/miniworld/assets/backbone"
     args = argparse.Namespace(seed=0, lr=1e-3, lr_end=1e-5, warmup=1, steps=2, batch=4, soup_fraction=0.0,
                               mix_fraction=0.0, init_from=None, text_encoder_from=backbone,
                               freeze_text_encoder=True)
@@ -127,11 +127,11 @@ def test_a_text_tower_that_does_not_fit_is_refused_with_the_reason(tmp_path):
     trainer_config = pretrain_decoder.build_configs(world_tokenizer.load_tokenizer())[0]
     with pytest.raises(FileNotFoundError, match="config.json"):
         pretrain_decoder.text_tower_of(tmp_path, trainer_config)
-    config = json.loads(open("dediffusion_jax/miniworld/assets/backbone/config.json").read())
+    config = json.loads(open("projects/miniworld/assets/backbone/config.json").read())
     config["text_config"]["num_hidden_layers"] = 3
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes(
-        open("dediffusion_jax/miniworld/assets/backbone/model.safetensors", "rb").read())
+        open("projects/miniworld/assets/backbone/model.safetensors", "rb").read())
     with pytest.raises(pretrain_decoder.TextTowerError, match="num_hidden_layers"):
         pretrain_decoder.text_tower_of(tmp_path, trainer_config)
 
@@ -144,7 +144,7 @@ def test_resuming_with_the_other_freeze_setting_is_an_error(tmp_path, capsys):
 
 
 def test_a_run_with_a_frozen_text_encoder_exports_that_encoder(tmp_path):
-    backbone = "dediffusion_jax/miniworld/assets/backbone"
+    backbone = "projects/miniworld/assets/backbone"
     workdir, out = tmp_path / "run", tmp_path / "decoder"
     assert pretrain_decoder.main(["--workdir", str(workdir), "--batch", "2", "--eval-every", "0", "--steps", "1",
                                   "--text-encoder-from", backbone, "--freeze-text-encoder"]) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dediffusion_jax.miniworld import probe, scenes
+from projects.miniworld import probe, scenes
 from dediffusion_jax.t2i.folder import load_decoder
 
 

@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from dediffusion_jax.miniworld import captions as C
-from dediffusion_jax.miniworld import scenes as S
+from projects.miniworld import captions as C
+from projects.miniworld import scenes as S
 
 
 def test_distinct_scene_count_matches_calibration():

@@ -1,7 +1,7 @@
 """The miniature world as the tfds dataset `mini_world`: build it, read it through the standard source,
-and train-read it through the standard pipeline with configs/miniworld.py:data=DIR.
+and train-read it through the standard pipeline with projects/miniworld/configs/world.py:data=DIR.
 
-    python -m dediffusion_jax.miniworld.tfds_builder --data_dir DIR   # what build_mini_world runs
+    python -m projects.miniworld.tfds_builder --data_dir DIR   # what build_mini_world runs
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dediffusion_jax.data import miniworld_source, preprocess, sources
-from dediffusion_jax.miniworld import captions, scenes
-from dediffusion_jax.miniworld.tfds_builder import build_mini_world
+from dediffusion_jax.data import preprocess, sources
+from projects.miniworld import data_source as miniworld_source
+from projects.miniworld import captions, scenes
+from projects.miniworld.tfds_builder import build_mini_world
 from dediffusion_jax.train import cli, loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +67,8 @@ def test_a_data_dir_built_with_another_train_size_is_refused(data_dir):
 
 
 def test_the_training_config_reads_the_same_views_as_the_on_the_fly_world(data_dir):
-    decoder_path = REPO / "dediffusion_jax/miniworld/assets/decoder"
-    config = cli.load_config_file(f"{REPO}/configs/miniworld.py:data={data_dir},decoder={decoder_path}")
+    decoder_path = REPO / "projects/miniworld/assets/decoder"
+    config = cli.load_config_file(f"{REPO}/projects/miniworld/configs/world.py:data={data_dir},decoder={decoder_path}")
     assert config.data.source == f"tfds:mini_world:train@{data_dir}"
     batch = next(iter(loop.make_data(config, loop.load_decoder_for(config))))
 

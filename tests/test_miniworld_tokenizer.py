@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from dediffusion_jax.miniworld import captions as C
-from dediffusion_jax.miniworld import scenes as S
-from dediffusion_jax.miniworld import tokenizer as T
+from projects.miniworld import captions as C
+from projects.miniworld import scenes as S
+from projects.miniworld import tokenizer as T
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dediffusion_jax.miniworld.tokenizer import DEFAULT_DIR as TOKENIZER_DIR
+from projects.miniworld.tokenizer import DEFAULT_DIR as TOKENIZER_DIR
 from dediffusion_jax.parallel.mesh import make_mesh
 from dediffusion_jax.t2i import pipeline, tiny
 from dediffusion_jax.t2i.folder import load_decoder

@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from dediffusion_jax.miniworld import scenes
-from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+from projects.miniworld import scenes
+from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.t2i import folder, tiny
 from dediffusion_jax.train import checkpoint as ckpt_lib, cli
 from dediffusion_jax.train import loop
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOTAL = 24
 EVERY = 4
 
-# Tiny versions of configs/miniworld.py, as command-line overrides (the same strings a user types).
+# Tiny versions of projects/miniworld/configs/world.py, as command-line overrides (the same strings a user types).
 TINY = {
     "backbone.overrides.hidden_size": 32, "backbone.overrides.num_layers": 1,
     "backbone.overrides.num_heads": 2, "backbone.overrides.mlp_dim": 64,
@@ -52,7 +52,7 @@ def decoder_dir(tmp_path_factory) -> Path:
 
 
 def tiny_config(decoder_dir: Path, **extra):
-    config = cli.load_config_file(f"{REPO}/configs/miniworld.py:decoder={decoder_dir}")
+    config = cli.load_config_file(f"{REPO}/projects/miniworld/configs/world.py:decoder={decoder_dir}")
     config.update_from_flattened_dict({**TINY, **extra})
     return config
 
@@ -96,7 +96,7 @@ def test_a_run_trains_and_writes_metrics_samples_and_checkpoints(reference):
 def test_sigterm_saves_and_the_resumed_run_reproduces_the_losses(reference, decoder_dir, tmp_path):
     ref_losses = losses_of(reference[0])
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dediffusion_jax.train", "--config", f"configs/miniworld.py:decoder={decoder_dir}",
+    cmd = [sys.executable, "-m", "dediffusion_jax.train", "--config", f"projects/miniworld/configs/world.py:decoder={decoder_dir}",
            "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in TINY.items()]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

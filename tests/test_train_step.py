@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.models import quantizer
 from dediffusion_jax.parallel import sharding as sharding_lib
 from dediffusion_jax.parallel.mesh import make_mesh

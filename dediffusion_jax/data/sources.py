@@ -12,10 +12,11 @@ Sources never download anything. `source_from_spec` builds one from a string (se
 
 from __future__ import annotations
 
+import dataclasses
 import glob as glob_lib
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -249,6 +250,52 @@ _TFDS_SPEC = re.compile(
     r"(?::(?P<version>\d+\.\d+\.\d+))?"
     r":(?P<split>[^@]+)"
     r"(?:@(?P<data_dir>.+))?$")
+
+
+# --------------------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltSource:
+    """What a spec resolves to. `preprocess_fn` (record, rng) -> {"backbone", "decoder", ...} replaces
+    the standard `preprocess.Preprocessor` when a source brings its own views (None: the standard one)."""
+
+    source: ImageSource
+    preprocess_fn: Callable[..., dict] | None = None
+
+
+SourceFactory = Callable[[str, Any], BuiltSource]
+_REGISTRY: dict[str, SourceFactory] = {}
+
+
+def register_source(prefix: str, factory: SourceFactory) -> None:
+    """Makes `PREFIX:REST` a data spec. `factory(REST, config)` -> BuiltSource.
+
+    How a project plugs in its own data (e.g. projects/miniworld registers `miniworld:`): list the module
+    that calls this in the config's `imports`, and the trainer imports it before reading data.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", prefix):
+        raise ValueError(f"source prefix {prefix!r}: use lower-case letters, digits and _")
+    _REGISTRY[prefix] = factory
+
+
+def registered_prefixes() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def build_source(spec: str, config: Any = None) -> BuiltSource:
+    """A spec -> BuiltSource: a registered prefix, or one of the built-in forms of SPEC_FORMS."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty source spec {spec!r}\n{spec_forms()}")
+    prefix, sep, rest = spec.strip().partition(":")
+    if sep and prefix in _REGISTRY:
+        return _REGISTRY[prefix](rest, config)
+    return BuiltSource(source_from_spec(spec))
+
+
+def spec_forms() -> str:
+    extra = "".join(f"  {p}:...      (registered by an imported extension)\n" for p in registered_prefixes())
+    return SPEC_FORMS + extra
 
 
 def source_from_spec(spec: str) -> ImageSource:

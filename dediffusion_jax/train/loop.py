@@ -31,7 +31,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dediffusion_jax.data import miniworld_source, pipeline, preprocess, sources
+from dediffusion_jax import extensions
+from dediffusion_jax.data import pipeline, preprocess, sources
 from dediffusion_jax.parallel import multihost, sharding as sharding_lib
 from dediffusion_jax.parallel.mesh import make_mesh, replicated
 from dediffusion_jax.t2i.folder import Decoder
@@ -102,23 +103,24 @@ def build_parts(config: ml_collections.ConfigDict, decoder: Decoder) -> Parts:
 
 def make_data(config: ml_collections.ConfigDict, decoder: Decoder, *,
               process_index: int | None = None, process_count: int | None = None) -> pipeline.Dataset:
-    """The per-process pipeline of config.data (a miniworld:SPLIT or any sources.py spec).
+    """The per-process pipeline of config.data (a sources.py spec, or a prefix that a module of
+    config.imports registered).
 
     process_index/process_count default to this process's; pass them to build another host's shard.
     """
     spec = str(config.data.source)
     if not spec:
         raise ValueError("config.data.source is empty; set e.g. --config.data.source=folder:/images\n"
-                         + sources.SPEC_FORMS)
-    if miniworld_source.is_miniworld_spec(spec):
-        source = miniworld_source.source_from_spec(spec, seed=int(config.seed))
-        preprocess_fn = miniworld_source.MiniWorldViews(int(config.backbone.image_size))
-    else:
-        source = sources.source_from_spec(spec)
+                         + sources.spec_forms())
+    extensions.import_extensions(config)
+    built = sources.build_source(spec, config)
+    source, preprocess_fn = built.source, built.preprocess_fn
+    if preprocess_fn is None:
         p = dict(config.data.preprocess)
-        decoder_size = int(p.pop("decoder_size", 0)) or decoder.image_size
+        p.pop("decoder_size", None)
         preprocess_fn = preprocess.Preprocessor(preprocess.PreprocessConfig.from_dict(
-            {**p, "backbone_size": int(config.backbone.image_size), "decoder_size": decoder_size}))
+            {**p, "backbone_size": int(config.backbone.image_size),
+             "decoder_size": _decoder_view_size(config, decoder)}))
     return pipeline.make_dataset(
         source, global_batch_size=int(config.batch_size), seed=int(config.seed),
         shuffle=bool(config.data.shuffle), worker_count=int(config.data.worker_count),
@@ -346,6 +348,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
 
 def _decoder_view_size(config: ml_collections.ConfigDict, decoder: Decoder) -> int:
-    if miniworld_source.is_miniworld_spec(str(config.data.source)):
-        return decoder.image_size
+    """data.preprocess.decoder_size, or (0) the decoder's own image size."""
     return int(config.data.preprocess.decoder_size) or decoder.image_size

@@ -1,6 +1,6 @@
 """Shared config schema for De-Diffusion training runs (every field a run reads, with defaults).
 
-Experiment files (configs/paper.py, configs/miniworld.py) start from `base_config()`, set their values
+Experiment files (configs/paper.py, projects/miniworld/configs/world.py) start from `base_config()`, set their values
 and return it LOCKED: a typo in an override (`--config.encoder.num_querys=15`) is an error naming the
 close match, never a silently ignored new field. Fields that mean "not set" use '' or 0, never None
 (ml_collections cannot override a None field from the command line).
@@ -19,6 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 32                     # global, over all processes
     c.dtype = "float32"                   # compute dtype of the encoder (params stay float32)
     c.remat = False
+    # Modules imported before data and evaluators are built: how a project registers its data-source
+    # prefixes and evaluators (dediffusion_jax/extensions.py). The core never imports a project.
+    c.imports = ()
 
     # Frozen text-to-image decoder: a diffusers-format folder (SD 1.x/2.x, or the miniworld decoder).
     c.decoder = ml_collections.ConfigDict(dict(path=""))
@@ -59,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lr = opt.lr
     c.total_steps = opt.total_steps
 
-    # Data: a source spec (see dediffusion_jax/data/sources.py SPEC_FORMS, or miniworld:SPLIT).
+    # Data: a source spec (dediffusion_jax/data/sources.py SPEC_FORMS, or a prefix an import registers).
     c.data = ml_collections.ConfigDict(dict(
         source="", shuffle=True, worker_count=0, read_threads=4,
         # Decoder view size: 0 = the decoder's own image size.

@@ -6,7 +6,7 @@ that reads background, per-cell occupancy, colour and shape. Its predictions sco
 image kept each attribute; its penultimate layer gives the world's Fréchet distance. Noise, blur and
 mild colour jitter during training make it judge imperfect generated images, not only clean renders.
 
-Train: `python -m dediffusion_jax.miniworld.classifier --out DIR --steps 800` (see assets/classifier).
+Train: `python -m projects.miniworld.classifier --out DIR --steps 800` (see assets/classifier).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import flax.linen as nn
 import optax
 from flax import traverse_util
 
-from dediffusion_jax.miniworld import scenes as S
+from projects.miniworld import scenes as S
 
 DEFAULT_DIR = Path(__file__).with_name("assets") / "classifier"
 Params = Any
@@ -224,7 +224,7 @@ def load_classifier(path: str | Path | None = None) -> tuple[Params, ClassifierC
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from dediffusion_jax.miniworld import metrics
+    from projects.miniworld import metrics
 
     p = argparse.ArgumentParser(description="Train the miniature world's attribute classifier.")
     p.add_argument("--out", default=str(DEFAULT_DIR))

@@ -14,8 +14,8 @@ import numpy as np
 
 from dediffusion_jax.evaluation.fid import fid_from_features
 
-from dediffusion_jax.miniworld import classifier as clf
-from dediffusion_jax.miniworld import scenes as S
+from projects.miniworld import classifier as clf
+from projects.miniworld import scenes as S
 
 ATTRIBUTES = ("occupancy", "colour", "shape", "background", "object", "exact_scene")
 

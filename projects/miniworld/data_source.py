@@ -6,7 +6,8 @@ a pure function of (seed, i); the pipeline shuffles, shards and checkpoints it l
 `MiniWorldViews` is its preprocess_fn: both views are the 16x16 image in [-1, 1] (the backbone sees the
 same pixels as the decoder; no CLIP normalisation, the ViT is trained from scratch on this world).
 
-Config spec (data.source): ``miniworld:SPLIT`` with SPLIT in {train, heldout, all}.
+Config spec (data.source): ``miniworld:SPLIT`` with SPLIT in {train, heldout, all}, registered by
+`projects.miniworld.extensions` (list it in config.imports).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from dediffusion_jax.miniworld import scenes
+from projects.miniworld import scenes
 
-SPEC_PREFIX = "miniworld:"
 DEFAULT_SIZE = 1 << 16  # draws per "epoch"; the pipeline repeats and reshuffles
 
 
@@ -63,11 +63,3 @@ class MiniWorldViews:
             backbone = image.repeat(self.repeat, axis=0).repeat(self.repeat, axis=1)
         return {"backbone": backbone, "decoder": image, "id": str(record["id"]),
                 "scene_index": np.int32(record["scene_index"])}
-
-
-def is_miniworld_spec(spec: str) -> bool:
-    return isinstance(spec, str) and spec.startswith(SPEC_PREFIX)
-
-
-def source_from_spec(spec: str, seed: int = 0) -> MiniWorldSource:
-    return MiniWorldSource(spec[len(SPEC_PREFIX):] or "train", seed=seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dediffusion_jax.miniworld.captions import WORLD_WORDS
+from projects.miniworld.captions import WORLD_WORDS
 
 CONTEXT_LENGTH = 16
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

@@ -7,11 +7,11 @@ scratch on (scene, caption) pairs of the world's TRAIN split with the caption mi
 CPU, so it is built to be stopped and resumed: orbax checkpoints every `--checkpoint-minutes`, an
 exact resume (the data of step n is a function of (seed, n)), and SIGTERM/SIGINT save before exit.
 
-    python -m dediffusion_jax.miniworld.pretrain_decoder --workdir workdirs/decoder --steps 12000
-    python -m dediffusion_jax.miniworld.pretrain_decoder --workdir workdirs/decoder --export DIR
+    python -m projects.miniworld.pretrain_decoder --workdir workdirs/decoder --steps 12000
+    python -m projects.miniworld.pretrain_decoder --workdir workdirs/decoder --export DIR
 
 The committed decoder (v4) conditions on the world CLIP's text tower, frozen, as Stable Diffusion
-conditions on CLIP's: `--text-encoder-from dediffusion_jax/miniworld/assets/backbone
+conditions on CLIP's: `--text-encoder-from projects/miniworld/assets/backbone
 --freeze-text-encoder` (assets/decoder/README.md has its exact commands).
 
 The exported folder is loaded by `t2i.folder.load_decoder` exactly like a real Stable Diffusion folder.
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dediffusion_jax.miniworld import captions, scenes
-from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+from projects.miniworld import captions, scenes
+from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.t2i import clip_text, schedules, unet
 from dediffusion_jax.t2i.folder import Decoder, save_decoder
 
@@ -318,7 +318,7 @@ def _save(manager, state: dict) -> None:
 def evaluate_gate(trainer: Trainer, params: Any, num_scenes: int = 128, guidance: float = 3.0) -> dict:
     """The calibration's quality gate: held-out scenes drawn from their FULL captions, classified; and
     `short_caption_object`: how often a short caption's object ('green circle') is drawn at all."""
-    from dediffusion_jax.miniworld import classifier, metrics
+    from projects.miniworld import classifier, metrics
     from dediffusion_jax.t2i import pipeline
 
     idx = scenes.evaluation_indices(num_scenes)
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "only when the workdir has no checkpoint yet)")
     p.add_argument("--text-encoder-from",
                    help="a transformers CLIP folder whose text tower starts the text encoder, e.g. the world "
-                        "CLIP dediffusion_jax/miniworld/assets/backbone (v4 used it, frozen)")
+                        "CLIP projects/miniworld/assets/backbone (v4 used it, frozen)")
     p.add_argument("--freeze-text-encoder", action="store_true",
                    help="train the UNet only (Stable Diffusion's recipe; the text encoder is out of the optimizer)")
     p.add_argument("--log-every", type=int, default=100)

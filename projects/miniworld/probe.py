@@ -1,6 +1,6 @@
 """Teacher-forced probe of a world decoder: how much does each kind of text lower its denoising loss?
 
-    python -m dediffusion_jax.miniworld.probe --decoder dediffusion_jax/miniworld/assets/decoder
+    python -m projects.miniworld.probe --decoder projects/miniworld/assets/decoder
 
 For held-out scenes it reports the decoder's own training loss (v-MSE over random t and noise) given
 several texts: empty, constant texts, the background word, the short and full captions. It answers,
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dediffusion_jax.miniworld import captions, scenes
+from projects.miniworld import captions, scenes
 from dediffusion_jax.t2i import pipeline, schedules
 from dediffusion_jax.t2i.folder import Decoder, load_decoder
 
@@ -161,7 +161,7 @@ def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens:
     """
     if context not in RANK_CONTEXTS:
         raise ValueError(f"context={context!r}; choose one of {RANK_CONTEXTS}")
-    from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+    from projects.miniworld import tokenizer as world_tokenizer
     from dediffusion_jax.t2i import clip_text
 
     tok = decoder.tokenizer
@@ -263,7 +263,7 @@ def de_diffusion_texts(workdir: str | Path, indices: Sequence[int]) -> tuple[Dec
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dediffusion_jax.miniworld.probe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m projects.miniworld.probe", description=__doc__.splitlines()[0])
     p.add_argument("--decoder", default=str(DEFAULT_DECODER))
     p.add_argument("--workdir", help="a De-Diffusion training run: add its texts as a row (and use its "
                                      "decoder) and print their attribute-word statistics")
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in result.items():
         print(f"| {name} | {value:.4f} |")
     if args.workdir:
-        from dediffusion_jax.miniworld.evaluate_world import text_statistics
+        from projects.miniworld.evaluate_world import text_statistics
 
         stats = text_statistics(list(by_scene.values()), indices)
         print(f"\nDe-Diffusion text: {len(set(by_scene.values()))} distinct of {len(indices)}; attribute-word "

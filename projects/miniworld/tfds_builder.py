@@ -1,6 +1,6 @@
 """The miniature world as a tfds dataset (`mini_world`), in array_record format.
 
-Why: `miniworld:SPLIT` renders scenes on the fly through a source of its own (data/miniworld_source.py).
+Why: `miniworld:SPLIT` renders scenes on the fly through a source of its own (projects/miniworld/data_source.py).
 This builder writes the same scenes as an ordinary coco_captions-shaped tfds dataset, so the world also
 runs through the STANDARD data path (`TfdsSource` -> `Preprocessor`) that real datasets take: a
 De-Diffusion run on the world then exercises the code a COCO or LAION run uses, and the dataset can be
@@ -8,9 +8,9 @@ copied to another machine like any prepared tfds dataset.
 
 Build (nothing is downloaded; about 20 s and 7 MB at the default size on 2 cores):
 
-    python -m dediffusion_jax.miniworld.tfds_builder --data_dir DIR [--num_train N]
+    python -m projects.miniworld.tfds_builder --data_dir DIR [--num_train N]
 
-and train on it with `--config configs/miniworld.py:data=DIR` (source `tfds:mini_world:train@DIR`).
+and train on it with `--config projects/miniworld/configs/world.py:data=DIR` (source `tfds:mini_world:train@DIR`).
 
 Features: "image" (16x16x3 uint8 PNG, the scene's pixels: `t2i.pipeline.to_uint8` of the [-1, 1]
 render, so `x / 127.5 - 1` is the render to within 0.5/127.5), "image/id" (the scene index),
@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from dediffusion_jax.data.local_tfds import LocalCodePath, prepare_array_record
-from dediffusion_jax.miniworld import captions, scenes
+from projects.miniworld import captions, scenes
 from dediffusion_jax.t2i.pipeline import to_uint8
 
 DEFAULT_NUM_TRAIN = 16384
@@ -129,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, split in builder.info.splits.items():
         print(f"  {name}: {split.num_examples} examples", flush=True)
     print(f"prepared: {builder.data_dir}")
-    print(f"train with: --config configs/miniworld.py:data={args.data_dir}")
+    print(f"train with: --config projects/miniworld/configs/world.py:data={args.data_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    from dediffusion_jax.miniworld.tfds_builder import main as _main  # the registered module's builder
+    from projects.miniworld.tfds_builder import main as _main  # the registered module's builder
 
     sys.exit(_main())

@@ -1,6 +1,6 @@
 """Where a world train step's time goes on this machine: data, the whole step, and its parts.
 
-    python bench/miniworld_step_breakdown.py [--config-arg ARG] [--iters 30]
+    python projects/miniworld/bench/step_breakdown.py [--config-arg ARG] [--iters 30]
 
 Times (median of --iters, after a warm-up): the host data pipeline alone (next batch), the jitted
 train step on a fixed batch, and inside it the encoder forward (images -> text states), the frozen
@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "world.py"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-arg", default="")
     p.add_argument("--iters", type=int, default=30)
     args = p.parse_args(argv)
-    spec = str(REPO / "configs" / "miniworld.py") + (f":{args.config_arg}" if args.config_arg else "")
+    spec = str(CONFIG_FILE) + (f":{args.config_arg}" if args.config_arg else "")
     config = load_config_file(spec)
     decoder = load_decoder_for(config)
     parts = build_parts(config, decoder)

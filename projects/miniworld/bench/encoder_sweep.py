@@ -5,7 +5,7 @@ need no sampling: the teacher-forced decoder loss of its texts (miniworld.probe,
 caption, short + background and full caption on the same (t, noise) draws) and the attribute-word
 recall of its texts. It produced the table "Tuning the encoder" in docs/miniworld.md:
 
-    python bench/miniworld_encoder_sweep.py --name v3t05div10 --steps 500 \
+    python projects/miniworld/bench/encoder_sweep.py --name v3t05div10 --steps 500 \
         --config-arg diversity=0.1 --set "loss.timestep_range=(0.5,1.0)"
 
 Scenes: the first 256 of `scenes.evaluation_indices()`, sorted; the probe uses the first 128 of those.
@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "world.py"
 
 import numpy as np  # noqa: E402
 
-from dediffusion_jax.miniworld import captions, evaluate_world, probe, scenes  # noqa: E402
+from projects.miniworld import captions, evaluate_world, probe, scenes  # noqa: E402
 from dediffusion_jax.train.cli import load_config_file  # noqa: E402
 from dediffusion_jax.train.loop import train_and_evaluate  # noqa: E402
 
@@ -49,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True)
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--config-arg", default="", help="argument of configs/miniworld.py, e.g. diversity=0.1")
+    p.add_argument("--config-arg", default="", help="argument of projects/miniworld/configs/world.py, e.g. diversity=0.1")
     p.add_argument("--set", action="append", default=[], help="config override a.b=literal (repeatable)")
     p.add_argument("--root", default="workdirs/sweep", help="the run's workdir is ROOT/NAME")
     p.add_argument("--out", default="workdirs/sweep/results.jsonl")
     args = p.parse_args(argv)
 
-    spec = str(REPO / "configs" / "miniworld.py") + (f":{args.config_arg}" if args.config_arg else "")
+    spec = str(CONFIG_FILE) + (f":{args.config_arg}" if args.config_arg else "")
     config = load_config_file(spec)
     with config.unlocked():
         config.total_steps = args.steps

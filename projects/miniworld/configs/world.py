@@ -1,6 +1,6 @@
 """De-Diffusion on the miniature world (16x16 scenes, context 16): trains in minutes on a 2-core CPU.
 
-    python -m dediffusion_jax.train --config configs/miniworld.py --workdir workdirs/miniworld
+    python -m dediffusion_jax.train --config projects/miniworld/configs/world.py --workdir workdirs/miniworld
 
 Config arg (comma-separated): decoder=PATH (default: the committed world decoder),
 backbone=world|scratch|PATH (world, the default: the committed image tower of a small CLIP pre-trained
@@ -16,30 +16,28 @@ the plain mean (the paper)),
 vocab=words|all (what the encoder may emit: the world's whole words and distractors (default) or
 every vocabulary entry), diversity=W (weight of the slot-diversity term; default 0.01, not in the paper),
 data=DIR (read the world from the tfds dataset `mini_world` prepared in DIR by
-`python -m dediffusion_jax.miniworld.tfds_builder --data_dir DIR`, through the standard TfdsSource +
+`python -m projects.miniworld.tfds_builder --data_dir DIR`, through the standard TfdsSource +
 Preprocessor path, instead of rendering scenes on the fly; the views are the same 16x16 images; DIR
 may not contain a comma).
 """
 
-import sys
 from pathlib import Path
 
-try:
-    from configs import common
-except ImportError:  # loaded by path from outside the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from configs import common
+from dediffusion_jax import config as common
 
-from dediffusion_jax.miniworld.captions import WORLD_WORDS  # noqa: E402
-from dediffusion_jax.miniworld.tokenizer import DISTRACTORS  # noqa: E402
+from projects.miniworld.captions import WORLD_WORDS
+from projects.miniworld.tokenizer import DISTRACTORS
 
-DEFAULT_DECODER = "dediffusion_jax/miniworld/assets/decoder"
-WORLD_BACKBONE = "dediffusion_jax/miniworld/assets/backbone"
+# Absolute paths from the installed package: a checkpoint made here loads from any working directory.
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_DECODER = str(ASSETS / "decoder")
+WORLD_BACKBONE = str(ASSETS / "backbone")
 
 
 def get_config(arg: str | None = None):
     args = common.parse_arg(arg)
     c = common.base_config()
+    c.imports = ("projects.miniworld.extensions",)  # registers the miniworld: data source and evaluators
     c.decoder.path = args.get("decoder", DEFAULT_DECODER)
     # ViT patch 4 on the 16x16 image: 16 patches + CLS, width 128, depth 3. Pre-trained and frozen (the
     # paper's setting) or, as its random-init ablation, trained from scratch.
@@ -59,7 +57,7 @@ def get_config(arg: str | None = None):
     # opens all 606 entries (minus punctuation) as the paper does with CLIP's.
     vocab = args.get("vocab", "words")
     if vocab not in ("words", "all"):
-        raise ValueError(f"configs/miniworld.py: vocab={vocab!r}; choose words or all")
+        raise ValueError(f"projects/miniworld/configs/world.py: vocab={vocab!r}; choose words or all")
     if vocab == "words":
         c.vocab.only_tokens = tuple(f"{w}</w>" for w in WORLD_WORDS + DISTRACTORS)
     # Not in the paper. Without it the encoder collapsed within ~100 steps to one text for every image
@@ -81,14 +79,14 @@ def get_config(arg: str | None = None):
     #   (0.5, 0.85) over the run (sliding by 40% of the run lost the background word).
     timesteps = args.get("timesteps", "half")
     if timesteps not in ("top", "half", "slide"):
-        raise ValueError(f"configs/miniworld.py: timesteps={timesteps!r}; choose top, half or slide")
+        raise ValueError(f"projects/miniworld/configs/world.py: timesteps={timesteps!r}; choose top, half or slide")
     c.loss.timestep_range = (0.5, 1.0) if timesteps == "half" else (0.8, 1.0)
     if timesteps == "slide":
         c.loss.timestep_range_final = (0.5, 0.85)
         c.loss.timestep_ramp_fraction = 1.0
     reduction = args.get("reduction", "log_mean")
     if reduction not in ("mean", "log_mean"):
-        raise ValueError(f"configs/miniworld.py: reduction={reduction!r}; choose mean or log_mean")
+        raise ValueError(f"projects/miniworld/configs/world.py: reduction={reduction!r}; choose mean or log_mean")
     c.loss.reduction = reduction
     c.quantizer.temperature.update(dict(schedule="exponential", start=2.0, end=0.3))
     # The paper does not say whether its Gumbel-softmax is hard (straight-through) or soft. Here soft
@@ -98,7 +96,7 @@ def get_config(arg: str | None = None):
     # the (argmax) texts 0.0410 soft vs 0.0562 hard, background recall 1.00 vs 0.20 (docs/miniworld.md, "Tuning the encoder").
     relax = args.get("relax", "soft")
     if relax not in ("soft", "hard"):
-        raise ValueError(f"configs/miniworld.py: relax={relax!r}; choose soft or hard")
+        raise ValueError(f"projects/miniworld/configs/world.py: relax={relax!r}; choose soft or hard")
     c.quantizer.hard = relax == "hard"
     c.optimizer.update(dict(name="adamw", b1=0.9, b2=0.999, weight_decay=0.01, grad_clip_norm=1.0,
                         eps=1e-8))

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from dediffusion_jax.miniworld.scenes import BACKGROUNDS, COLOURS, COLS, ROWS, SHAPES, Scene, SceneObject
+from projects.miniworld.scenes import BACKGROUNDS, COLOURS, COLS, ROWS, SHAPES, Scene, SceneObject
 
 SEGMENT_SEP = " , "
 BACKGROUND_WORD = "background"

@@ -8,7 +8,7 @@ exported as a transformers `CLIPModel` folder (config.json + model.safetensors);
 loads its image tower through `backbone.init`, exactly as the paper config loads a real CLIP ViT, and
 freezes it. De-Diffusion itself still trains on images alone.
 
-    python -m dediffusion_jax.miniworld.pretrain_backbone --out dediffusion_jax/miniworld/assets/backbone
+    python -m projects.miniworld.pretrain_backbone --out projects/miniworld/assets/backbone
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dediffusion_jax.miniworld import captions, scenes
-from dediffusion_jax.miniworld import tokenizer as world_tokenizer
+from projects.miniworld import captions, scenes
+from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.models import vit
 from dediffusion_jax.t2i import clip_text, convert
 
@@ -217,7 +217,7 @@ def load_world_clip(folder: str | Path = DEFAULT_DIR) -> tuple[WorldCLIP, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dediffusion_jax.miniworld.pretrain_backbone",
+    p = argparse.ArgumentParser(prog="python -m projects.miniworld.pretrain_backbone",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_DIR))
     p.add_argument("--steps", type=int, default=1500)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dediffusion_jax.evaluation.fid import FeatureStats, fid_from_stats
-from dediffusion_jax.miniworld import captions, classifier, metrics, scenes
+from projects.miniworld import captions, classifier, metrics, scenes
 from dediffusion_jax.t2i import pipeline
 from dediffusion_jax.t2i.folder import Decoder
 

@@ -1,10 +1,10 @@
 """`make demo`: De-Diffusion on the miniature world, end to end, on a CPU in minutes.
 
-    python -m dediffusion_jax.demo --workdir workdirs/demo [--steps 600] [--eval-scenes 256]
+    python -m projects.miniworld.demo --workdir workdirs/demo [--steps 600] [--eval-scenes 256]
 
 1. loads the world's frozen text-to-image decoder (a committed diffusers-format folder, pre-trained by
-   `python -m dediffusion_jax.miniworld.pretrain_decoder`; see its TRAINING.json);
-2. trains the De-Diffusion encoder on world images alone (configs/miniworld.py; resumes if the workdir
+   `python -m projects.miniworld.pretrain_decoder`; see its TRAINING.json);
+2. trains the De-Diffusion encoder on world images alone (projects/miniworld/configs/world.py; resumes if the workdir
    already holds a checkpoint);
 3. encodes held-out scenes (never seen by the decoder, the classifier or the encoder) to text;
 4. redraws each scene with the frozen decoder from: the De-Diffusion text, the short one-object
@@ -25,15 +25,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-DECODER_DIR = Path(__file__).resolve().parent / "miniworld" / "assets" / "decoder"
-CONFIG_FILE = REPO / "configs" / "miniworld.py"
+HERE = Path(__file__).resolve().parent
+DECODER_DIR = HERE / "assets" / "decoder"
+CONFIG_FILE = HERE / "configs" / "world.py"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dediffusion_jax.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m projects.miniworld.demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="workdirs/demo")
-    p.add_argument("--config-arg", default="", help="argument of configs/miniworld.py, e.g. tokens=8")
+    p.add_argument("--config-arg", default="", help="argument of projects/miniworld/configs/world.py, e.g. tokens=8")
     # 600 steps and 12 DDIM steps: what fits the 15-minute budget from a fresh clone on a 2-core CPU
     # with a margin (2026-12-01, decoder v4, after a 1.3 min install: DDIM 12 12.4 min, DDIM 15 13.6,
     # DDIM 20 14.2, with the same metrics within 0.01 but world-FID; 800 steps with DDIM 25 took 16.3);
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (decoder_dir / "model_index.json").is_file():
         print(
             f"error: the world's decoder is missing at {decoder_dir}. Pre-train it with\n"
-            "  python -m dediffusion_jax.miniworld.pretrain_decoder --workdir workdirs/decoder\n"
-            "  python -m dediffusion_jax.miniworld.pretrain_decoder --workdir workdirs/decoder "
+            "  python -m projects.miniworld.pretrain_decoder --workdir workdirs/decoder\n"
+            "  python -m projects.miniworld.pretrain_decoder --workdir workdirs/decoder "
             f"--export {decoder_dir}",
             file=sys.stderr,
         )
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import numpy as np
 
-    from dediffusion_jax.miniworld import captions, evaluate_world, scenes
+    from projects.miniworld import captions, evaluate_world, scenes
     from dediffusion_jax.train import checkpoint
     from dediffusion_jax.train.cli import load_config_file
     from dediffusion_jax.train.loop import train_and_evaluate
