@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Device mesh: one axis may be -1 (auto). mesh.frozen_fsdp shards the frozen decoder/backbone.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, frozen_fsdp=False))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+    # Evaluators run during training (dediffusion_jax/evaluation/evaluators.py), big_vision style:
+    # {NAME: {"type": REGISTERED_TYPE, "every_steps": N (0: only at the end), ...its arguments}}.
+    c.evals = ml_collections.ConfigDict()
     c.log = ml_collections.ConfigDict(dict(
         every_steps=1,          # metrics.jsonl / TensorBoard
         progress_every=50,      # console line with ETA
