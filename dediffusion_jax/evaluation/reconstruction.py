@@ -55,6 +55,10 @@ PAPER_NUM_IMAGES = 30_000
 
 # (prompts, guidance_scale, seed) -> uint8 images [B, H, W, 3]; deterministic per (seed, index).
 GenerateFn = Callable[[list[str], float, int], np.ndarray]
+# (generated uint8 images [B, R, R, 3], the shard's source records) -> {metric: (hits [B], counts [B])}:
+# per-image counts, so a metric pooled over shards is sum(hits) / sum(counts), whatever the sharding
+# (e.g. colour accuracy over the objects of each image, 1 or 2 per image).
+ImageScorer = Callable[[np.ndarray, list[dict]], dict[str, tuple[np.ndarray, np.ndarray]]]
 
 
 class ProtocolStopped(RuntimeError):
@@ -222,6 +226,8 @@ def run_protocol(
     max_shards: int | None = None,
     on_shard_done: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    scorer: ImageScorer | None = None,
+    scorer_key: str | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) the reconstruction-FID protocol; returns the results (= results.json).
 
@@ -240,6 +246,9 @@ def run_protocol(
       reference_cache_dir: where reference FeatureStats are cached (WORKDIR/reference_cache).
       max_shards: compute at most this many new units, then raise ProtocolStopped.
       on_shard_done: called with {'source', 'guidance', 'shard', 'path'} after each new unit.
+      scorer / scorer_key: an optional `ImageScorer` that rates each generated image against its
+        source record (e.g. an attribute classifier), and a string naming it (recorded like the
+        extractor); each row of the results then has `scores[guidance][metric]`.
     """
     workdir = Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -268,6 +277,8 @@ def run_protocol(
         "seed": int(seed), "resolution": int(resolution), "extractor": extractor.name,
         "generator": generator_key, "num_steps": int(num_steps),
     }
+    if scorer is not None:
+        settings["scorer"] = scorer_key or getattr(scorer, "name", "custom")
     _check_settings(workdir / "protocol.json", settings)
     slugs = {t.name: slug(t.name) for t in text_sources}
     for t in text_sources:
@@ -333,7 +344,8 @@ def run_protocol(
                                        f"{len(texts)} prompts")
                 _save_previews(unit_dir(t, g) / "previews", generated[preview], k)
                 path = unit_path(t, g, k)
-                _atomic_savez(path, ids=np.array(ids, dtype=str), features=extract(generated))
+                _atomic_savez(path, ids=np.array(ids, dtype=str), features=extract(generated),
+                              **_score_arrays(scorer, generated, records))
                 new_units += 1
                 bar.update(1)
                 info = {"source": t.name, "guidance": g, "shard": k, "path": str(path)}
@@ -422,6 +434,35 @@ def _texts_for_shard(t: TextSource, records: list[dict], path: Path) -> list[str
     return texts
 
 
+def _score_arrays(scorer: ImageScorer | None, images: np.ndarray,
+                  records: list[dict]) -> dict[str, np.ndarray]:
+    """The scorer's per-image (hits, counts) as npz fields `hits__METRIC`, `counts__METRIC`."""
+    if scorer is None or not records:
+        return {}
+    out = {}
+    for metric, (hits, counts) in scorer(images, records).items():
+        hits, counts = np.asarray(hits, np.float64), np.asarray(counts, np.float64)
+        if hits.shape != (len(records),) or counts.shape != (len(records),):
+            raise RuntimeError(f"scorer metric {metric!r}: expected per-image arrays of {len(records)}, "
+                               f"got {hits.shape} and {counts.shape}")
+        out[f"hits__{metric}"], out[f"counts__{metric}"] = hits, counts
+    return out
+
+
+def _pooled_scores(paths: list[Path]) -> dict[str, float]:
+    """sum(hits) / sum(counts) of every metric over the shards (0 where nothing was counted)."""
+    hits: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for p in paths:
+        with np.load(p) as z:
+            for key in z.files:
+                if key.startswith("hits__"):
+                    m = key[len("hits__"):]
+                    hits[m] = hits.get(m, 0.0) + float(z[key].sum())
+                    counts[m] = counts.get(m, 0.0) + float(z[f"counts__{m}"].sum())
+    return {m: hits[m] / max(counts[m], 1.0) for m in sorted(hits)}
+
+
 def _merged_stats(paths: list[Path], name: str) -> tuple[FeatureStats | None, list[list[str]]]:
     stats, ids = None, []
     for p in paths:
@@ -458,8 +499,12 @@ def _finalise(workdir, text_sources, slugs, guidance_scales, num_shards, ref_cac
     rows = []
     for t in text_sources:
         fids: dict[str, float] = {}
+        scores: dict[str, dict[str, float]] = {}
         for g in guidance_scales:
-            stats, ids = _merged_stats([unit_path(t, g, k) for k in range(num_shards)], name)
+            paths = [unit_path(t, g, k) for k in range(num_shards)]
+            stats, ids = _merged_stats(paths, name)
+            if "scorer" in settings:
+                scores[guidance_label(g)] = _pooled_scores(paths)
             if ids != ref_ids:
                 raise RuntimeError(f"{unit_dir(t, g)}: shard image ids differ from the reference "
                                    "shards (the source changed?); use a new workdir")
@@ -470,7 +515,8 @@ def _finalise(workdir, text_sources, slugs, guidance_scales, num_shards, ref_cac
         best = min(finite, key=finite.get) if finite else None
         rows.append({"name": t.name, "key": t.key, "dir": f"sources/{slugs[t.name]}",
                      "fid": fids, "best_guidance": best,
-                     "best_fid": finite[best] if best is not None else None})
+                     "best_fid": finite[best] if best is not None else None,
+                     **({"scores": scores} if scores else {})})
 
     results = {
         "protocol": settings,

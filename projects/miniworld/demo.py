@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import numpy as np
 
-    from projects.miniworld import captions, evaluate_world, scenes
+    from projects.miniworld import captions, evaluator, scenes
     from dediffusion_jax.train import checkpoint
     from dediffusion_jax.train.cli import load_config_file
     from dediffusion_jax.train.loop import train_and_evaluate
@@ -96,22 +97,21 @@ def main(argv: list[str] | None = None) -> int:
 
     _say(f"[3/3] redrawing the scenes from each text ({args.ddim_steps} DDIM steps, guidance "
          f"{args.guidance}) and scoring them")
-    sources = {"De-Diffusion text": dd_texts, **evaluate_world.caption_texts(indices)}
-    rows, recon = evaluate_world.evaluate_sources(
-        model.decoder, indices, sources, num_steps=args.ddim_steps, guidance_scale=args.guidance,
-        progress=_say,
-    )
+    dd_source = evaluator.TextsOfScenes(evaluator.DE_DIFFUSION, dict(zip(indices.tolist(), dd_texts)),
+                                        key=f"encoder:{workdir}@step{config.total_steps}")
+    shutil.rmtree(workdir / "world_eval", ignore_errors=True)  # always a fresh evaluation
+    results = evaluator.evaluate(model.decoder, [dd_source, *evaluator.caption_sources()], indices,
+                                 workdir / "world_eval", num_steps=args.ddim_steps,
+                                 guidance_scale=args.guidance, progress=True)
+    rows = evaluator.rows_of(results)
+    short = evaluator.caption_sources()[1]
     stats = {
-        "De-Diffusion text": evaluate_world.text_statistics(dd_texts, indices),
-        "short caption": evaluate_world.text_statistics(sources["short caption"], indices),
+        "De-Diffusion text": evaluator.text_statistics(dd_texts, indices),
+        "short caption": evaluator.text_statistics(short.texts([{"scene_index": i} for i in indices]), indices),
     }
-    grid = evaluate_world.save_grid(
-        workdir / "reconstructions.png",
-        images,
-        {k: recon[k] for k in ("De-Diffusion text", "short caption", "full caption (upper ref.)")},
-    )
+    grid = workdir / "world_eval" / "grid.png"
 
-    table = evaluate_world.markdown_table(rows)
+    table = evaluator.markdown_table(rows)
     lines = [
         f"Held-out scenes: {len(indices)}; decoder {decoder_dir}; {args.ddim_steps} DDIM steps, "
         f"guidance {args.guidance}; world-FID = Fréchet distance in the attribute classifier's "

@@ -1,6 +1,8 @@
 """What the miniature world adds to the core, registered on import (config.imports names this module).
 
-- data source `miniworld:SPLIT` (SPLIT in train, heldout, all): scenes rendered on the fly.
+- data source `miniworld:SPLIT` (SPLIT in train, heldout, all): scenes rendered on the fly;
+- evaluator type `miniworld.reconstruction` (projects/miniworld/evaluator.py): redraws held-out scenes
+  from the encoder's texts and scores them (world-FID, attributes).
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dediffusion_jax.data import sources
-from projects.miniworld import data_source
+from projects.miniworld import data_source, evaluator  # noqa: F401 - evaluator registers itself
 
 
 def _miniworld(rest: str, config: Any) -> sources.BuiltSource:

@@ -27,24 +27,33 @@ def scene_labels(scenes: Sequence[S.Scene] | np.ndarray) -> dict[str, np.ndarray
     return S.labels_of(np.array([s.index for s in scenes], np.int64))
 
 
-def attribute_accuracy(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:
-    """Per-attribute accuracy of predicted vs true label arrays (see module docstring)."""
+def attribute_counts(pred: dict[str, np.ndarray],
+                     truth: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-image (hits, counts) of each attribute (see module docstring): pooled over any set of
+    images, an attribute's accuracy is sum(hits) / sum(counts), as `attribute_accuracy` computes."""
     occ_t = np.asarray(truth["occupied"], bool)
     occ_p = np.asarray(pred["occupied"], bool)
     col_ok = (pred["colour"] == truth["colour"]) & occ_t
     shp_ok = (pred["shape"] == truth["shape"]) & occ_t
-    bg_ok = pred["background"] == truth["background"]
+    bg_ok = np.asarray(pred["background"] == truth["background"])
     obj_ok = occ_p & col_ok & shp_ok  # only counted on true objects
-    n_obj = max(int(occ_t.sum()), 1)
     cells_ok = (occ_p == occ_t) & (~occ_t | (col_ok & shp_ok))
+    ones = np.ones(len(occ_t))
+    n_obj = occ_t.sum(axis=1).astype(np.float64)
     return {
-        "occupancy": float((occ_p == occ_t).mean()),
-        "colour": float(col_ok.sum() / n_obj),
-        "shape": float(shp_ok.sum() / n_obj),
-        "background": float(bg_ok.mean()),
-        "object": float(obj_ok.sum() / n_obj),
-        "exact_scene": float((bg_ok & cells_ok.all(axis=1)).mean()),
+        "occupancy": ((occ_p == occ_t).sum(axis=1).astype(np.float64), np.full(len(occ_t), occ_t.shape[1], np.float64)),
+        "colour": (col_ok.sum(axis=1).astype(np.float64), n_obj),
+        "shape": (shp_ok.sum(axis=1).astype(np.float64), n_obj),
+        "background": (bg_ok.astype(np.float64), ones),
+        "object": (obj_ok.sum(axis=1).astype(np.float64), n_obj),
+        "exact_scene": ((bg_ok & cells_ok.all(axis=1)).astype(np.float64), ones),
     }
+
+
+def attribute_accuracy(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-attribute accuracy of predicted vs true label arrays (see module docstring)."""
+    return {k: float(hits.sum() / max(counts.sum(), 1.0))
+            for k, (hits, counts) in attribute_counts(pred, truth).items()}
 
 
 def score_images(

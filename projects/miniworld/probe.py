@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in result.items():
         print(f"| {name} | {value:.4f} |")
     if args.workdir:
-        from projects.miniworld.evaluate_world import text_statistics
+        from projects.miniworld.evaluator import text_statistics
 
         stats = text_statistics(list(by_scene.values()), indices)
         print(f"\nDe-Diffusion text: {len(set(by_scene.values()))} distinct of {len(indices)}; attribute-word "

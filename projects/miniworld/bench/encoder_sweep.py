@@ -27,7 +27,7 @@ CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "world.py"
 
 import numpy as np  # noqa: E402
 
-from projects.miniworld import captions, evaluate_world, probe, scenes  # noqa: E402
+from projects.miniworld import captions, evaluator, probe, scenes
 from dediffusion_jax.train.cli import load_config_file  # noqa: E402
 from dediffusion_jax.train.loop import train_and_evaluate  # noqa: E402
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     indices = np.sort(scenes.evaluation_indices(256))
     decoder, by_scene = probe.de_diffusion_texts(workdir, indices)
     texts = list(by_scene.values())
-    stats = evaluate_world.text_statistics(texts, indices)
+    stats = evaluator.text_statistics(texts, indices)
     loss = probe.probe(decoder, indices[:128], {
         "dd": by_scene.__getitem__,
         "short": captions.short_caption,
