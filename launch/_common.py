@@ -1,4 +1,5 @@
-"""Shared pieces of the launchers (stdlib only, importable by any python3 >= 3.8).
+"""Shared pieces of the launchers (stdlib only, importable by any python3 >= 3.8; the flag grammar
+comes from dediffusion_jax/cli_flags.py, also stdlib only).
 
 Every launcher builds the same training command line,
 
@@ -21,36 +22,14 @@ from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The trainer's own flag grammar (stdlib only), so a launcher splits `--config.KEY ...` exactly as the
+# trainer reads it: split_passthrough(argv) -> (launcher flags, tokens passed to the trainer).
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+from dediffusion_jax.cli_flags import split_passthrough  # noqa: E402,F401
+
 TRAIN_MODULE = "dediffusion_jax.train"
 DEFAULT_JAX_VERSION = "0.10.2"
-
-
-def split_passthrough(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """Separates the launcher's own flags from the ml_collections overrides for the trainer.
-
-    Passed through unchanged, in order: every `--config.key=value`, every `--config.key value`
-    (the next token is the value, whatever it looks like, e.g. `-1`), and everything after `--`.
-    """
-    own: List[str] = []
-    passthrough: List[str] = []
-    i = 0
-    argv = list(argv)
-    while i < len(argv):
-        tok = argv[i]
-        if tok == "--":
-            passthrough.extend(argv[i + 1:])
-            break
-        if tok.startswith("--config."):
-            passthrough.append(tok)
-            if "=" not in tok:
-                if i + 1 >= len(argv):
-                    raise SystemExit(f"error: {tok} needs a value (use {tok}=VALUE)")
-                passthrough.append(argv[i + 1])
-                i += 1
-        else:
-            own.append(tok)
-        i += 1
-    return own, passthrough
 
 
 def train_argv(python: str, config: str, workdir: str, passthrough: Sequence[str],

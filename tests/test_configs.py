@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from projects.miniworld import tokenizer as world_tokenizer
+from dediffusion_jax import config as config_lib
 from dediffusion_jax.t2i import tiny
 from dediffusion_jax.train import cli, loop
+from dediffusion_jax.train import optimizer as opt_lib
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = f"{REPO}/configs/paper.py"
@@ -83,6 +85,68 @@ def test_miniworld_config_fits_the_world_decoder_context(decoder77):
         cli.load_config_file(f"{MINIWORLD}:reduction=sum")
 
 
+def test_config_file_arguments_are_typed():
+    # As big_vision's parse_arg: the defaults give each argument its type.
+    args = config_lib.parse_arg("tokens=6,punct,diversity=0.1,relax=hard,decoder=/sd",
+                                tokens=12, punct=False, diversity=0.01, decoder="",
+                                relax=config_lib.one_of("soft", "hard"), runlocal=False)
+    assert (args.tokens, args.punct, args.diversity, args.decoder, args.relax, args.runlocal) == (
+        6, True, 0.1, "/sd", "hard", False)
+    assert config_lib.parse_arg("punct=false,runlocal=1", punct=True, runlocal=False).to_dict() == {
+        "punct": False, "runlocal": True}
+    assert config_lib.parse_arg(None, tokens=12).tokens == 12
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("tokenz=8", "unknown config argument 'tokenz'; did you mean tokens? valid arguments: tokens=<int>, "
+                 "punct=<bool>, relax=<soft|hard>"),
+    ("tokens=many", "tokens='many': tokens expects int"),
+    ("punct=maybe", "punct='maybe': punct is a bool"),
+    ("relax=straight", "relax='straight'; choose soft or hard"),
+])
+def test_a_bad_config_argument_is_one_clear_error(arg, message):
+    with pytest.raises(config_lib.ConfigArgError) as e:
+        config_lib.parse_arg(arg, tokens=12, punct=False, relax=config_lib.one_of("soft", "hard"))
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_config_files_declare_their_arguments():
+    # `train --config FILE --help` lists a file's ARGS; get_config() is get_config(its defaults).
+    for path, expected in [(PAPER, {"decoder", "backbone", "data", "runlocal"}),
+                           (MINIWORLD, {"decoder", "backbone", "tokens", "depth", "punct", "steps", "relax",
+                                        "timesteps", "reduction", "vocab", "diversity", "data"})]:
+        module = cli.load_config_module(path)
+        assert set(module.ARGS) == expected
+    assert cli.load_config_file(f"{MINIWORLD}:steps=7,diversity=0").total_steps == 7
+
+
+def test_the_tokenz_typo_is_an_error_not_a_silent_default(capsys, tmp_path):
+    rc, err = run_cli(capsys, "--config", f"{MINIWORLD}:tokenz=8", "--workdir", str(tmp_path))
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith(
+        f"error: {MINIWORLD}:tokenz=8: unknown config argument 'tokenz'; did you mean tokens?"), err
+    rc, err = run_cli(capsys, "--config", f"{MINIWORLD}:tokens=8.5", "--workdir", str(tmp_path))
+    assert rc == 2 and err.strip().endswith("tokens='8.5': tokens expects int"), err
+
+
+def test_every_config_field_has_a_one_line_meaning():
+    fields = config_lib.leaf_fields(config_lib.base_config())
+    assert set(config_lib.FIELD_DOCS) == set(fields)
+    assert all(doc and "\n" not in doc for doc in config_lib.FIELD_DOCS.values())
+    tuples = {k for k, v in fields.items() if isinstance(v, (tuple, list))}
+    assert set(config_lib.TUPLE_ITEM_TYPES) == tuples
+
+
+def test_schema_optimizer_defaults_match_the_optimizer_module():
+    # config.py holds the paper's optimizer values without importing jax/optax; they must not drift.
+    schema, module = config_lib.base_config(), opt_lib.default_config()
+    assert schema.lr.to_dict() == module.lr.to_dict() and schema.total_steps == module.total_steps
+    for key, value in module.optimizer.items():
+        if key not in ("eps", "wd_include"):
+            assert schema.optimizer[key] == value, key
+    assert tuple(schema.optimizer.wd_include) == tuple(module.optimizer.wd_include)
+
+
 def test_configs_are_locked():
     c = cli.load_config_file(MINIWORLD)
     with pytest.raises(AttributeError):
@@ -110,6 +174,18 @@ def test_wrong_type_is_one_message(capsys, tmp_path):
                       "--config.batch_size=many")
     assert rc == 2
     assert err.strip() == "error: --config.batch_size='many': batch_size expects int (current value 32)"
+
+
+def test_a_tuple_field_given_a_bad_value_names_the_key(capsys, tmp_path):
+    rc, err = run_cli(capsys, "--config", MINIWORLD, "--workdir", str(tmp_path),
+                      "--config.loss.timestep_range=abc")
+    assert rc == 2
+    assert err.strip() == ("error: --config.loss.timestep_range='abc': loss.timestep_range expects a "
+                           "tuple of float, e.g. --config.loss.timestep_range='(0.5, 1.0)' "
+                           "(current value (0.5, 1.0))")
+    for good in ("(0.2, 0.9)", "0.2,0.9"):
+        cli.validate_command_line(["--config", MINIWORLD, "--workdir", str(tmp_path),
+                                   f"--config.loss.timestep_range={good}"])
 
 
 def test_missing_decoder_folder_is_one_message(capsys, tmp_path):

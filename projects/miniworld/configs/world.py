@@ -2,7 +2,7 @@
 
     python -m dediffusion_jax.train --config projects/miniworld/configs/world.py --workdir workdirs/miniworld
 
-Config arg (comma-separated): decoder=PATH (default: the committed world decoder),
+Config arg (comma-separated, typed: ARGS below): decoder=PATH (default: the committed world decoder),
 backbone=world|scratch|PATH (world, the default: the committed image tower of a small CLIP pre-trained
 on the world's train scenes and captions (miniworld/pretrain_backbone.py), FROZEN, as the paper's CoCa
 ViT-L; scratch: a random-init ViT of the same shape trained end to end, the paper's "ViT-L random"
@@ -33,39 +33,44 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_DECODER = str(ASSETS / "decoder")
 WORLD_BACKBONE = str(ASSETS / "backbone")
 
+# The typed arguments of this file (`train --config projects/miniworld/configs/world.py --help` lists
+# them); one_of(...): its first choice is the default.
+ARGS = dict(
+    decoder=DEFAULT_DECODER, backbone="world", tokens=12, depth=2, punct=False, steps=1000,
+    relax=common.one_of("soft", "hard"), timesteps=common.one_of("half", "top", "slide"),
+    reduction=common.one_of("log_mean", "mean"), vocab=common.one_of("words", "all"),
+    diversity=0.01, data="")
+
 
 def get_config(arg: str | None = None):
-    args = common.parse_arg(arg)
+    args = common.parse_arg(arg, **ARGS)
     c = common.base_config()
     c.imports = ("projects.miniworld.extensions",)  # registers the miniworld: data source and evaluators
-    c.decoder.path = args.get("decoder", DEFAULT_DECODER)
+    c.decoder.path = args.decoder
     # ViT patch 4 on the 16x16 image: 16 patches + CLS, width 128, depth 3. Pre-trained and frozen (the
     # paper's setting) or, as its random-init ablation, trained from scratch.
     c.backbone.variant = "S/4"
     c.backbone.image_size = 16
-    backbone = args.get("backbone", "world")
+    backbone = args.backbone
     c.backbone.init = "" if backbone == "scratch" else WORLD_BACKBONE if backbone == "world" else backbone
     c.backbone.frozen = backbone != "scratch"
     c.backbone.overrides.update(dict(hidden_size=128, num_layers=3, num_heads=4, mlp_dim=512))
-    c.encoder.update(dict(num_queries=int(args.get("tokens", 12)),
-                          pooler_blocks=int(args.get("depth", 2)),
+    c.encoder.update(dict(num_queries=args.tokens,
+                          pooler_blocks=args.depth,
                           pooler_width=128, pooler_heads=4, mlp_ratio=4))
-    c.vocab.exclude_punctuation = "punct" not in args
+    c.vocab.exclude_punctuation = not args.punct
     # The world's language is its words plus distractors; the BPE pieces of its tokenizer exist only so
     # that it is a real CLIP-layout BPE, and the decoder never saw them. vocab=words (default) lets the
     # encoder emit whole words only (like CLIP's vocabulary, which is mostly whole words); vocab=all
     # opens all 606 entries (minus punctuation) as the paper does with CLIP's.
-    vocab = args.get("vocab", "words")
-    if vocab not in ("words", "all"):
-        raise ValueError(f"projects/miniworld/configs/world.py: vocab={vocab!r}; choose words or all")
-    if vocab == "words":
+    if args.vocab == "words":
         c.vocab.only_tokens = tuple(f"{w}</w>" for w in WORLD_WORDS + DISTRACTORS)
     # Not in the paper. Without it the encoder collapsed within ~100 steps to one text for every image
     # (from scratch: "right" x 12, the word closest to empty text for this decoder; with the frozen world
     # backbone and 0: one word per batch by step 64); 0.01 keeps the slots exploring and the text
     # image-dependent; 0.1 keeps every slot's softmax flat (docs/miniworld.md, "Encoder collapse" and
     # "Tuning the encoder").
-    c.quantizer.diversity_weight = float(args.get("diversity", 0.01))
+    c.quantizer.diversity_weight = args.diversity
     # The noise levels and how the batch's per-example losses are combined: neither is in the paper
     # (its timestep distribution is unstated; its loss is the plain mean). The world default,
     # timesteps=half + reduction=log_mean, is the setting under which the encoder writes shape words:
@@ -77,37 +82,29 @@ def get_config(arg: str | None = None):
     # of the argmax text"). Below t = 500 the text barely matters to this decoder (section "Timesteps").
     #   timesteps=top: (0.8, 1.0); half: (0.5, 1.0); slide: a curriculum from (0.8, 1.0) to
     #   (0.5, 0.85) over the run (sliding by 40% of the run lost the background word).
-    timesteps = args.get("timesteps", "half")
-    if timesteps not in ("top", "half", "slide"):
-        raise ValueError(f"projects/miniworld/configs/world.py: timesteps={timesteps!r}; choose top, half or slide")
+    timesteps = args.timesteps
     c.loss.timestep_range = (0.5, 1.0) if timesteps == "half" else (0.8, 1.0)
     if timesteps == "slide":
         c.loss.timestep_range_final = (0.5, 0.85)
         c.loss.timestep_ramp_fraction = 1.0
-    reduction = args.get("reduction", "log_mean")
-    if reduction not in ("mean", "log_mean"):
-        raise ValueError(f"projects/miniworld/configs/world.py: reduction={reduction!r}; choose mean or log_mean")
-    c.loss.reduction = reduction
+    c.loss.reduction = args.reduction
     c.quantizer.temperature.update(dict(schedule="exponential", start=2.0, end=0.3))
     # The paper does not say whether its Gumbel-softmax is hard (straight-through) or soft. Here soft
     # trains far better: around the random texts a young encoder samples, the straight-through
     # gradient barely ranks the right words above the others (probe --st-ranks), while the soft
     # relaxation's own gradient is exact. 500 steps (timesteps=top, reduction=mean): probe v-MSE of
     # the (argmax) texts 0.0410 soft vs 0.0562 hard, background recall 1.00 vs 0.20 (docs/miniworld.md, "Tuning the encoder").
-    relax = args.get("relax", "soft")
-    if relax not in ("soft", "hard"):
-        raise ValueError(f"projects/miniworld/configs/world.py: relax={relax!r}; choose soft or hard")
-    c.quantizer.hard = relax == "hard"
+    c.quantizer.hard = args.relax == "hard"
     c.optimizer.update(dict(name="adamw", b1=0.9, b2=0.999, weight_decay=0.01, grad_clip_norm=1.0,
                         eps=1e-8))
     c.lr.update(dict(schedule="warmup_cosine", peak=1e-3, end=1e-5, warmup_steps=100))
-    c.total_steps = int(args.get("steps", 1000))  # 10.7 min at the 1.55 steps/s measured on 2 cores
+    c.total_steps = args.steps  # 10.7 min at the 1.55 steps/s measured on 2 cores
     c.batch_size = 32
     c.data.source = "miniworld:train"
-    if args.get("data"):
+    if args.data:
         # Same views as MiniWorldViews: both are the 16x16 image in [-1, 1] (mean = std = 0.5 makes the
         # backbone normalisation (x/255 - 0.5) / 0.5; a 16 -> 16 resize is an exact copy), no augmentation.
-        c.data.source = f"tfds:mini_world:train@{args['data']}"
+        c.data.source = f"tfds:mini_world:train@{args.data}"
         c.data.preprocess.update(dict(augment=False, decoder_size=0,  # 0: the decoder's size (16)
                                       backbone_mean=(0.5, 0.5, 0.5), backbone_std=(0.5, 0.5, 0.5)))
     c.data.read_threads = 1
