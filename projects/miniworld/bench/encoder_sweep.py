@@ -25,11 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "world.py"
 
-import numpy as np  # noqa: E402
-
-from projects.miniworld import captions, evaluator, probe, scenes
-from dediffusion_jax.train.cli import load_config_file  # noqa: E402
-from dediffusion_jax.train.loop import train_and_evaluate  # noqa: E402
+from dediffusion_jax.train.cli import load_config_file  # noqa: E402  (light: no jax)
 
 
 def apply_override(config, assignment: str) -> None:
@@ -53,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default="workdirs/sweep", help="the run's workdir is ROOT/NAME")
     p.add_argument("--out", default="workdirs/sweep/results.jsonl")
     args = p.parse_args(argv)
+    # Heavy imports after the arguments: `--help` starts nothing.
+    import numpy as np
+
+    from dediffusion_jax.train.loop import train_and_evaluate
+    from projects.miniworld import captions, evaluator, probe, scenes
 
     spec = str(CONFIG_FILE) + (f":{args.config_arg}" if args.config_arg else "")
     config = load_config_file(spec)

@@ -19,17 +19,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "world.py"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dediffusion_jax.t2i import schedules  # noqa: E402
-from dediffusion_jax.train import step as step_lib  # noqa: E402
-from dediffusion_jax.train.cli import load_config_file  # noqa: E402
-from dediffusion_jax.train.loop import build_parts, load_decoder_for, make_data  # noqa: E402
+from dediffusion_jax.train.cli import load_config_file  # noqa: E402  (light: no jax)
 
 
 def median_seconds(fn, iters: int) -> float:
+    import jax
+    import numpy as np
+
     fn()  # warm-up (compile)
     times = []
     for _ in range(iters):
@@ -44,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-arg", default="")
     p.add_argument("--iters", type=int, default=30)
     args = p.parse_args(argv)
+    # Heavy imports after the arguments: `--help` starts nothing.
+    import jax
+    import jax.numpy as jnp
+
+    from dediffusion_jax.t2i import schedules
+    from dediffusion_jax.train import step as step_lib
+    from dediffusion_jax.train.loop import build_parts, load_decoder_for, make_data
+
     spec = str(CONFIG_FILE) + (f":{args.config_arg}" if args.config_arg else "")
     config = load_config_file(spec)
     decoder = load_decoder_for(config)
