@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dediffusion_jax import weights
 from dediffusion_jax.evaluation import inception
 
 EXPECTED_SHA256_PREFIX = "6726825d"
@@ -62,8 +63,6 @@ def convert(
     Raises `convert.CheckpointMismatchError` (and writes nothing) if any tensor is missing,
     unexpected or misshapen. Returns the tensors written.
     """
-    from safetensors.numpy import save_file
-
     state = read_torch_state_dict(input_path)
     inception.variables_from_torch(state, source=os.fspath(input_path))  # raises on mismatch
     ignore = [re.compile(p) for p in inception.TORCH_IGNORE]
@@ -76,9 +75,7 @@ def convert(
         "source_file": os.path.basename(os.fspath(input_path)),
         "source_sha256": sha256 or sha256_of(input_path),
     }
-    tmp = f"{os.fspath(output_path)}.tmp"
-    save_file(kept, tmp, metadata=metadata)
-    os.replace(tmp, output_path)
+    weights.save(kept, output_path, metadata=metadata)
     return kept
 
 

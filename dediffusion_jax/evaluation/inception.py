@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from dediffusion_jax import weights
 from dediffusion_jax.t2i import convert
 
 FID_INPUT_SIZE = 299
@@ -344,20 +345,9 @@ def variables_to_torch(variables: Mapping) -> dict[str, np.ndarray]:
     return out
 
 
-def _check_not_pickle(path: str | os.PathLike) -> None:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # safetensors: 8-byte little-endian header length, then the JSON header '{'.
-    if len(head) == 9 and head[8:9] == b"{":
-        return
-    is_torch = head[:2] in (b"PK", b"\x80\x02")
-    kind = "a torch pickle / zip checkpoint" if is_torch else "not safetensors"
-    raise ValueError(
-        f"{path} is {kind}. load_inception only reads safetensors (pickles can run code); "
-        "convert the pytorch-fid checkpoint once with\n  python -m "
-        "dediffusion_jax.evaluation.convert_inception --input pt_inception-2015-12-05-6726825d.pth "
-        "--output inception_fid.safetensors"
-    )
+# Shown when load_inception is handed pytorch-fid's pickle instead of the converted file.
+CONVERT_COMMAND = ("python -m dediffusion_jax.evaluation.convert_inception "
+                   "--input pt_inception-2015-12-05-6726825d.pth --output inception_fid.safetensors")
 
 
 class InceptionFeatureExtractor:
@@ -400,9 +390,5 @@ class InceptionFeatureExtractor:
 
 def load_inception(path: str | os.PathLike, dtype: Any = jnp.float32) -> InceptionFeatureExtractor:
     """Loads converted FID Inception weights (safetensors only) into a feature extractor."""
-    from safetensors.numpy import load_file
-
-    _check_not_pickle(path)
-    return InceptionFeatureExtractor(
-        variables_from_torch(load_file(os.fspath(path)), source=os.fspath(path)), dtype=dtype
-    )
+    state = weights.read_file(path, convert=CONVERT_COMMAND)
+    return InceptionFeatureExtractor(variables_from_torch(state, source=os.fspath(path)), dtype=dtype)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dediffusion_jax import weights
 from dediffusion_jax.t2i import convert
 from dediffusion_jax.t2i.clip_text import CLIPEncoder, check_activation, layer_norm
 
@@ -280,30 +281,9 @@ def resize_position_embeddings(params: Mapping[str, Any], config: ViTConfig, ima
 
 
 def _read_state(path: Path) -> tuple[dict[str, np.ndarray], Path]:
-    from safetensors.numpy import load_file
-
+    """(tensors, the folder holding config.json) of a CLIP folder or one of its .safetensors files."""
     folder = path if path.is_dir() else path.parent
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if (path / "model.safetensors").exists():
-            return load_file(str(path / "model.safetensors")), folder
-        if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state: dict[str, np.ndarray] = {}
-            for shard in shards:
-                state.update(load_file(str(path / shard)))
-            return state, folder
-        others = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-        hint = f" (found {others}: convert to safetensors, e.g. save_pretrained(safe_serialization=True))" if others else ""
-        raise FileNotFoundError(f"no model.safetensors in {path}{hint}")
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        raise ValueError(
-            f"{path.name}: only safetensors checkpoints are loaded (pickle files can run code and need torch); "
-            "convert it with transformers' save_pretrained(..., safe_serialization=True) or safetensors.torch.save_file"
-        )
-    if not path.exists():
-        raise FileNotFoundError(path)
-    return load_file(str(path)), folder
+    return weights.read(path, convert=weights.save_pretrained_command(folder)), folder
 
 
 def load_clip_vision(folder_or_file: str | Path, image_size: int | None = None) -> tuple[ViTConfig, dict]:

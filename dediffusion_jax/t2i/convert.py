@@ -83,7 +83,7 @@ def torch_to_flax(
     """Maps a torch-layout state dict onto the Flax tree whose shapes are `abstract_params`.
 
     Args:
-      state: key -> array in PyTorch layout (e.g. from `safetensors.numpy.load_file`).
+      state: key -> array in PyTorch layout (e.g. from `dediffusion_jax.weights.read`).
       abstract_params: the module's params (arrays or `jax.ShapeDtypeStruct`s), used for names,
         shapes and dtypes. Nothing is taken from their values.
       source: file name used in error messages.

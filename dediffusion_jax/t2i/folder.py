@@ -29,11 +29,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
+from dediffusion_jax import weights
 from dediffusion_jax.t2i import clip_text, convert, schedules, unet, vae
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "scheduler")
 
 
@@ -120,48 +119,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _weight_files(component_dir: Path) -> list[Path]:
-    """The safetensors files of one component (one file, or the shards an index names)."""
-    index_files = sorted(component_dir.glob("*.safetensors.index.json"))
-    if index_files:
-        index = _read_json(index_files[0])
-        names = sorted(set(index.get("weight_map", {}).values()))
-        files = [component_dir / n for n in names]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise DecoderFolderError(f"{index_files[0]} names missing shards: {missing}")
-        return files
-    singles = [
-        p
-        for name in ("diffusion_pytorch_model.safetensors", "model.safetensors")
-        if (p := component_dir / name).is_file()
-    ]
-    if not singles:
-        singles = sorted(component_dir.glob("*.safetensors"))[:1]
-    if singles:
-        return singles[:1]
-    pickles = sorted(p.name for p in component_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise DecoderFolderError(
-            f"{component_dir} holds only pickle weights ({', '.join(pickles)}); this project loads "
-            "safetensors only, since unpickling runs arbitrary code. Convert once, in an environment "
-            "you trust, with diffusers/transformers in PyTorch, e.g.\n"
-            "  python -c \"from diffusers import UNet2DConditionModel as M; "
-            f"M.from_pretrained('{component_dir}').save_pretrained('{component_dir}', "
-            "safe_serialization=True)\"\n"
-            "(use transformers.CLIPTextModel for text_encoder/, diffusers.AutoencoderKL for vae/)."
-        )
-    raise DecoderFolderError(f"no *.safetensors weights in {component_dir}")
+# The class that re-saves a component's pickle weights as safetensors (shown in the refusal).
+_CONVERTERS = {"text_encoder": "transformers.CLIPTextModel", "unet": "diffusers.UNet2DConditionModel",
+               "vae": "diffusers.AutoencoderKL"}
 
 
 def _read_weights(component_dir: Path) -> dict[str, np.ndarray]:
-    state: dict[str, np.ndarray] = {}
-    for f in _weight_files(component_dir):
-        try:
-            state.update(safetensors.numpy.load_file(str(f)))
-        except Exception as e:  # safetensors raises several types for corrupt headers
-            raise DecoderFolderError(f"cannot read {f}: {e}") from e
-    return state
+    """The component's tensors (one file, or the shards an index names), read by `weights.read`."""
+    cls = _CONVERTERS.get(component_dir.name, "diffusers.UNet2DConditionModel")
+    try:
+        return weights.read(component_dir, convert=weights.save_pretrained_command(component_dir, cls))
+    except weights.WeightsError as e:
+        raise DecoderFolderError(str(e)) from e
 
 
 def abstract_params(module: Any, inputs: tuple) -> Any:
@@ -300,10 +269,8 @@ def _write_component(directory: Path, config: dict, params: Any, weights_name: s
             shard.unlink()
         index.unlink()
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors = {
-        k: np.ascontiguousarray(v, dtype=dtype) for k, v in convert.flax_to_torch(params).items()
-    }
-    safetensors.numpy.save_file(tensors, str(directory / weights_name), metadata={"format": "pt"})
+    tensors = {k: np.asarray(v, dtype=dtype) for k, v in convert.flax_to_torch(params).items()}
+    weights.save(tensors, directory / weights_name)
 
 
 def save_decoder(decoder: Decoder, path: str | Path, *, weights_dtype: Any = np.float32) -> Path:

@@ -193,12 +193,12 @@ def train_classifier(
 
 
 def save_classifier(params: Params, out_dir: str | Path, config: ClassifierConfig = ClassifierConfig(), extra: dict | None = None) -> Path:
-    from safetensors.numpy import save_file
+    from dediffusion_jax import weights
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(jax.device_get(params), sep=".")
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in sorted(flat.items())}, str(out / "model.safetensors"))
+    weights.save({k: np.asarray(v, np.float32) for k, v in sorted(flat.items())}, out / "model.safetensors")
     cfg = {"model": "AttributeClassifier", **config.to_dict(), "heads": HEADS,
            "labels": {"background": list(S.BACKGROUNDS), "colour": list(S.COLOURS), "shape": list(S.SHAPES)},
            **(extra or {})}  # fmt: skip
@@ -208,16 +208,14 @@ def save_classifier(params: Params, out_dir: str | Path, config: ClassifierConfi
 
 def load_classifier(path: str | Path | None = None) -> tuple[Params, ClassifierConfig]:
     """The committed classifier (or one at `path`): (params, config)."""
-    from safetensors.numpy import load_file
+    from dediffusion_jax import weights
 
     d = Path(path or DEFAULT_DIR)
     config = ClassifierConfig.from_dict(json.loads((d / "config.json").read_text()))
-    flat = load_file(str(d / "model.safetensors"))
+    flat = weights.read_file(d / "model.safetensors")
+    expected = traverse_util.flatten_dict(jax.eval_shape(lambda: init_params(config)), sep=".")
+    weights.check_shapes(flat, {k: v.shape for k, v in expected.items()}, d / "model.safetensors")
     params = traverse_util.unflatten_dict({tuple(k.split(".")): jnp.asarray(v) for k, v in flat.items()})
-    expected = jax.eval_shape(lambda: init_params(config))
-    got = jax.tree_util.tree_map(lambda a: a.shape, params)
-    if jax.tree_util.tree_map(lambda a: a.shape, expected) != got:
-        raise ValueError(f"classifier weights in {d} do not match its config")
     return params, config
 
 

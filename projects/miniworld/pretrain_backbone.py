@@ -178,7 +178,7 @@ def save_world_clip(params: Any, text_config: clip_text.CLIPTextConfig, out: str
     Both towers are kept, so the folder is a usable CLIP of the world (and testable as one); the
     De-Diffusion backbone loader (`models.vit.load_clip_vision`) reads only its vision tower.
     """
-    from safetensors.numpy import save_file
+    from dediffusion_jax import weights
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,8 +187,7 @@ def save_world_clip(params: Any, text_config: clip_text.CLIPTextConfig, out: str
         "vision_model": p["vision"]["vision_model"], "text_model": p["text"]["text_model"],
         "visual_projection": p["visual_projection"], "text_projection": p["text_projection"]})
     state["logit_scale"] = np.asarray(p["logit_scale"], np.float32)
-    save_file({k: np.array(v, np.float32, order="C") for k, v in sorted(state.items())},  # 0-d stays 0-d
-              str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights.save({k: np.asarray(v, np.float32) for k, v in sorted(state.items())}, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(clip_model_config(text_config), indent=2) + "\n")
     (out / "TRAINING.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out
@@ -196,7 +195,7 @@ def save_world_clip(params: Any, text_config: clip_text.CLIPTextConfig, out: str
 
 def load_world_clip(folder: str | Path = DEFAULT_DIR) -> tuple[WorldCLIP, Any]:
     """The exported world CLIP as (module, params): both towers, e.g. for zero-shot evaluation."""
-    from safetensors.numpy import load_file
+    from dediffusion_jax import weights
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -205,7 +204,7 @@ def load_world_clip(folder: str | Path = DEFAULT_DIR) -> tuple[WorldCLIP, Any]:
     ctx = model.text_config.max_position_embeddings
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *vit.dummy_inputs(model.vision_config),
                                                  jnp.zeros((1, ctx), jnp.int32)))["params"]
-    state = load_file(str(folder / "model.safetensors"))
+    state = weights.read(folder)
     towers = {"vision_model": abstract["vision"]["vision_model"], "text_model": abstract["text"]["text_model"],
               "visual_projection": abstract["visual_projection"], "text_projection": abstract["text_projection"]}
     loaded = convert.torch_to_flax({k: v for k, v in state.items() if k != "logit_scale"}, towers,

@@ -150,7 +150,7 @@ def text_tower_of(folder: str | Path, text_config: clip_text.CLIPTextConfig) -> 
     (docs/miniworld.md, "What failed in v3: left and right"); the world CLIP's text tower
     (assets/backbone) does, since it must to match scenes to captions.
     """
-    from safetensors.numpy import load_file
+    from dediffusion_jax import weights as weights_lib
 
     folder = Path(folder)
     config_file, weights = folder / "config.json", folder / "model.safetensors"
@@ -167,7 +167,7 @@ def text_tower_of(folder: str | Path, text_config: clip_text.CLIPTextConfig) -> 
     if differ:
         raise TextTowerError(f"--text-encoder-from {folder}: its text config differs from the decoder's "
                              f"(key: (checkpoint, decoder)) {differ}")
-    state = {k: v for k, v in load_file(str(weights)).items() if k.startswith("text_model.")}
+    state = {k: v for k, v in weights_lib.read_file(weights).items() if k.startswith("text_model.")}
     if not state:
         raise TextTowerError(f"--text-encoder-from {folder}: no text_model.* weights in {weights.name}")
     params = clip_text.params_from_torch(state, text_config, source=str(weights))
