@@ -46,11 +46,11 @@ MASK_VALUE = -1e9
 
 
 # --------------------------------------------------------------------------- vocabulary mask
-@functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of the GPT-2/CLIP `bytes_to_unicode` table (printable symbol -> byte)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable unicode map (its order defines a BPE vocabulary's
+    first 256 ids); the one copy in the project (the miniature world's tokenizer builds on it)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -58,7 +58,13 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of `bytes_to_unicode` (printable symbol -> byte)."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def decode_bpe_symbol(token: str) -> str | None:

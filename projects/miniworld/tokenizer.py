@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dediffusion_jax.models.quantizer import bytes_to_unicode
 from projects.miniworld.captions import WORLD_WORDS
 
 CONTEXT_LENGTH = 16
@@ -27,20 +28,6 @@ DISTRACTORS = (
 )  # fmt: skip
 PUNCTUATION = (",", ".", ";", ":", "!", "?", "-", "'", '"', "(", ")")
 DEFAULT_DIR = Path(__file__).with_name("assets") / "tokenizer"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte -> printable unicode map (the order defines the first 256 ids)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def learn_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
