@@ -6,7 +6,7 @@
 
 Layout: ONE process per node that owns all of that node's GPUs (`--ntasks-per-node=1`,
 `--gpus-per-node=G`). That is the same shape as a TPU pod (one process per host), keeps one data
-pipeline per host (`process_slice` splits the data by process), and needs no per-task
+pipeline per host (the grain pipeline reads a strided shard per process), and needs no per-task
 CUDA_VISIBLE_DEVICES juggling; XLA/NCCL still use every GPU of the node and NVLink within it.
 
 The script starts the processes with `srun`, one task per node. The coordinator is the first node

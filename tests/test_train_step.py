@@ -134,13 +134,23 @@ def test_masked_tokens_are_never_chosen(built, decoder):
     assert not chosen & excluded
 
 
+def born_sharded_state(init_params, optimizer, mesh, rng=None):
+    """The train state as the loop makes it: eval_shape -> state_shardings_for -> jit(init, out_shardings)."""
+    rng = jax.random.key(1) if rng is None else rng
+
+    def init(key):
+        params = init_params(key)
+        return step_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    state_sh = step_lib.state_shardings_for(jax.eval_shape(init, rng), mesh, sharding_lib.ENCODER_RULES)
+    return jax.jit(init, out_shardings=state_sh)(rng), state_sh
+
+
 def _run_steps(model, init_params, frozen_params, mesh, num_steps=3, lr=1e-3):
     optimizer = optax.adam(lr)
-    state, state_sh = step_lib.create_train_state(
-        init_params, optimizer, jax.random.key(1), mesh, sharding_lib.ENCODER_RULES
-    )
+    state, state_sh = born_sharded_state(init_params, optimizer, mesh)
     frozen_sh = sharding_lib.tree_shardings(frozen_params, mesh, sharding_lib.FROZEN_REPLICATED)
-    frozen = sharding_lib.shard_tree(frozen_params, frozen_sh)
+    frozen = jax.device_put(frozen_params, frozen_sh)
     step_fn = step_lib.make_step_fn(
         model, optimizer, lambda s: jnp.float32(lr), builders.build_temperature_fn(tiny_config())
     )
@@ -196,7 +206,7 @@ def test_loss_falls_on_a_fixed_batch(built, decoder):
     model, init_params, _ = builders.build_model(tiny_config(), decoder)
     optimizer = optax.adam(1e-2)
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-    state, state_sh = step_lib.create_train_state(init_params, optimizer, jax.random.key(1), mesh)
+    state, state_sh = born_sharded_state(init_params, optimizer, mesh)
     frozen = {"decoder": decoder.params}
     frozen_sh = sharding_lib.tree_shardings(frozen, mesh, sharding_lib.FROZEN_REPLICATED)
     # Fixed timesteps/noise: the same rng every step (fold_in uses the step, so pin the step too).

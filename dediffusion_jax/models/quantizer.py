@@ -4,7 +4,7 @@ The encoder's latent must stay text the frozen decoder understands, so the quant
 decoder tokenizer's own vocabulary (49,408 CLIP BPE entries for Stable Diffusion) and hands the text
 encoder either soft one-hots [B, L, V] (multiplied by its token-embedding matrix) or, more cheaply,
 token embeddings [B, L, D] formed here. Either way the gradient passes THROUGH the embedding matrix
-(PAPER.md "Known traps"): d loss / d probs = d loss / d embeds @ E^T.
+(the paper's gradient path; a known trap): d loss / d probs = d loss / d embeds @ E^T.
 
 Memory (why `soft_token_embeddings` / `fused_soft_token_embeddings` exist). The relaxed one-hot is the
 largest activation of the model: N x V x 4 bytes = 14.8 MB per example at N = 75, V = 49,408. With the
@@ -201,11 +201,6 @@ def gumbel_softmax(logits: Array, rng: Array, temperature: float | Array, hard: 
 def argmax_tokens(logits: Array) -> Array:
     """Inference: the discrete De-Diffusion tokens, argmax of the (masked) logits, no noise."""
     return jnp.argmax(logits, axis=-1)
-
-
-def argmax_one_hot(logits: Array) -> Array:
-    """Inference one-hot [.., V] float32 (argmax, no noise), for feeding the decoder soft_tokens."""
-    return jax.nn.one_hot(argmax_tokens(logits), logits.shape[-1], dtype=jnp.float32)
 
 
 # --------------------------------------------------------------------------- schedules

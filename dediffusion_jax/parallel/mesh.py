@@ -104,8 +104,3 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the full value (scalars, small frozen trees, rng keys)."""
     return NamedSharding(mesh, P())
-
-
-def batch_size_multiple(mesh: Mesh) -> int:
-    """The global batch must be a multiple of this (the number of batch shards)."""
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -1,8 +1,9 @@
-"""Multi-host helpers: jax.distributed start-up, per-process data shards, global batch assembly.
+"""Multi-host helpers: jax.distributed start-up, global batch assembly, barriers.
 
-Every process runs the same program. Each one reads a disjoint part of the data (`process_slice`)
-and contributes it to one global jax.Array (`host_local_batch_to_global`); the jitted train step
-then sees the global batch. With one process all of this reduces to plain single-host code.
+Every process runs the same program. Each one reads a disjoint part of the data (the grain
+pipeline's strided shard, data/pipeline.py) and contributes it to one global jax.Array
+(`host_local_batch_to_global`); the jitted train step then sees the global batch. With one process
+all of this reduces to plain single-host code.
 """
 
 from __future__ import annotations
@@ -73,19 +74,6 @@ def initialize_distributed(coordinator_address: str | None = None,
              jax.process_index(), jax.process_count(), jax.local_device_count(),
              jax.device_count())
     return True
-
-
-def process_slice(num_items: int, process_index: int | None = None,
-                  process_count: int | None = None) -> slice:
-    """This process's contiguous, disjoint share of `num_items` (sizes differ by at most one).
-
-    The shares of all processes tile range(num_items) exactly, so nothing is read twice or lost.
-    """
-    i = jax.process_index() if process_index is None else process_index
-    n = jax.process_count() if process_count is None else process_count
-    if not 0 <= i < n:
-        raise ValueError(f"process index {i} out of range for {n} processes")
-    return slice(i * num_items // n, (i + 1) * num_items // n)
 
 
 def host_local_batch_to_global(mesh: Mesh, local_batch: Any,

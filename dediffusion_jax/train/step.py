@@ -15,7 +15,6 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -93,25 +92,6 @@ def state_shardings_for(abstract_state: TrainState, mesh: Mesh, rules: Any) -> A
         params=sharding_lib.tree_shardings(abstract_state.params, mesh, rules),
         opt_state=sharding_lib.tree_shardings(abstract_state.opt_state, mesh, rules),
     )
-
-
-def create_train_state(
-    init_params_fn: Callable[[Array], Any],
-    optimizer: optax.GradientTransformation,
-    rng: Array,
-    mesh: Mesh,
-    rules: Any = sharding_lib.ENCODER_RULES,
-) -> tuple[TrainState, Any]:
-    """The trainable state, BORN sharded: eval_shape -> shardings -> jit(init, out_shardings)."""
-
-    def init(key: Array) -> TrainState:
-        params = init_params_fn(key)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-    abstract = jax.eval_shape(init, rng)
-    shardings = state_shardings_for(abstract, mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)(rng)
-    return state, shardings
 
 
 def compile_step(

@@ -1,4 +1,4 @@
-"""Procedural scenes of the miniature world ("easy world" of MINIWORLD-CALIBRATION.md, section 2).
+"""Procedural scenes of the miniature world (docs/miniworld.md, "The world").
 
 A scene is a 16x16 RGB image: a background colour and 1-2 objects, each in its own 8x8 cell of a 2x2
 grid. The world is small enough to enumerate (3,648 distinct scenes), so every image is rendered once,
@@ -212,11 +212,6 @@ def sample_indices(rng: np.random.Generator, batch: int, split: Split = "train")
     """Scene indices drawn from the generative distribution restricted to `split`."""
     idx, cdf = _split_sampler(split)
     return idx[np.searchsorted(cdf, rng.random(batch), side="right")]
-
-
-def sample_scene(rng: np.random.Generator, split: Split = "train") -> Scene:
-    """One scene drawn from the generative distribution restricted to `split`."""
-    return scene_from_index(int(sample_indices(rng, 1, split)[0]))
 
 
 # ---------------------------------------------------------------------------------------------------
