@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.quantizer = ml_collections.ConfigDict(dict(
         hard=True, token_path="fused", rows_per_chunk=16,
         # Not in the paper (0 = off): weight of a wav2vec-2.0-style slot-diversity term that keeps
-        # small from-scratch encoders from mapping every image to one text (train/model.py).
+        # small from-scratch encoders from mapping every image to one text (models/dediffusion.py).
         diversity_weight=0.0,
         temperature=ml_collections.ConfigDict(dict(schedule="exponential", start=2.0, end=0.3))))
 
@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the loss samples from, uniformly (the paper: one random noise level per sample, the whole range).
     # timestep_range_final (empty = off): a curriculum; the window slides linearly to it over the
     # first timestep_ramp_fraction of total_steps (not in the paper; docs/miniworld.md, "Timesteps").
-    # reduction: "mean" (the paper) or "log_mean" (each example's log MSE; train/model.py).
+    # reduction: "mean" (the paper) or "log_mean" (each example's log MSE; models/dediffusion.py).
     c.loss = ml_collections.ConfigDict(dict(timestep_range=(0.0, 1.0), timestep_range_final=(),
                                             timestep_ramp_fraction=1.0, reduction="mean"))
 

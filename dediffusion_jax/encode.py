@@ -1,8 +1,8 @@
 """Images -> De-Diffusion text with a trained encoder, written as JSONL.
 
-    python -m dediffusion_jax.encode --checkpoint WORKDIR[/checkpoints/STEP] \
+    python -m dediffusion_jax.encode --checkpoint WORKDIR[/checkpoints/STEP]|EXPORTED_FOLDER \
         --images FILE|DIR|tfds:NAME:SPLIT[@DATA_DIR]|arrayrecord:GLOB ... --out texts.jsonl \
-        [--batch-size 32] [--limit N]
+        [--decoder DECODER_FOLDER] [--batch-size 32] [--limit N]
 
 One line per readable image: {"id", "text", "token_ids"[, "path"]}. The text is the argmax tokens of
 the encoder detokenized with the decoder's own tokenizer (exactly what the decoder would read); the
@@ -10,9 +10,9 @@ ids are kept so nothing is lost to detokenization. Ids match the image sources' 
 relative paths, a tfds id), so the file plugs into `python -m dediffusion_jax.evaluate --texts`.
 Unreadable images are reported on stderr, counted and skipped; they never stop the run.
 
-The core (`encode_records`, `encode_to_jsonl`) takes an already built (config, model, params), so
-tests and the evaluation protocol call it without a checkpoint; `main` only adds
-`train.checkpoint.load_for_inference`.
+The core (`encode_records`, `encode_to_jsonl`) takes an `inference.TextEncoder` (from a training
+checkpoint or an exported folder, `TextEncoder.load`); `--decoder` overrides the decoder folder
+recorded with the encoder (its weights must hash to the recorded identity).
 """
 
 from __future__ import annotations
@@ -29,32 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from dediffusion_jax.data.preprocess import (CLIP_MEAN, CLIP_STD, CorruptExampleError,
-                                             PreprocessConfig, decode_image, two_views)
+from dediffusion_jax.data.preprocess import (CorruptExampleError, PreprocessConfig, decode_image,
+                                             two_views)
 
 ErrorFn = Callable[[str, str], None]
 _SPEC_PREFIXES = ("tfds:", "arrayrecord:", "folder:")
-
-
-def preprocess_config_for(config: Any) -> PreprocessConfig:
-    """The backbone view of a training config: `backbone.image_size`, centre square, no augment.
-
-    The normalisation is the one the run trained with (`data.preprocess.backbone_mean/std` when the
-    config has them, else CLIP's, the pipeline's default). The decoder view is not needed here,
-    so it is made as small as the backbone view (it is computed and dropped).
-    """
-    size = int(config.backbone.image_size)
-    pre = {}
-    data = config.get("data", None) if hasattr(config, "get") else None
-    if data is not None and hasattr(data, "get") and data.get("preprocess", None) is not None:
-        pre = dict(data.preprocess)
-    return PreprocessConfig(
-        backbone_size=size,
-        backbone_mean=tuple(pre.get("backbone_mean", CLIP_MEAN)),
-        backbone_std=tuple(pre.get("backbone_std", CLIP_STD)),
-        decoder_size=size,
-        augment=False,
-    )
 
 
 # ------------------------------------------------------------------------------------ image input
@@ -107,75 +86,26 @@ def backbone_view(record: dict[str, Any], preprocess: PreprocessConfig) -> np.nd
     return two_views(im, preprocess)[0]
 
 
-# ------------------------------------------------------------------------------------ the encoder
-
-
-class TokenEncoder:
-    """Batched, jitted `model.token_ids`, sharded over the mesh's 'data' axis when given.
-
-    Every call is padded to the same batch size (a multiple of the data axis) so one compiled
-    program serves the whole run, the last short batch included.
-    """
-
-    def __init__(self, model: Any, trainable: Any, frozen: Any, *, batch_size: int = 32,
-                 mesh: Any = None):
-        import jax
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        self.model = model
-        data = 1 if mesh is None else int(mesh.shape.get("data", 1))
-        self.batch_size = max(data, -(-batch_size // data) * data)
-        self._sharding = None if mesh is None else NamedSharding(mesh, P("data"))
-        if mesh is not None:
-            replicated = NamedSharding(mesh, P())
-            trainable, frozen = jax.device_put((trainable, frozen), replicated)
-        # Only the backbone part of the frozen tree is read by the encoder.
-        self._params = (trainable, {k: v for k, v in frozen.items() if k == "backbone"})
-        self._fn = jax.jit(model.token_ids)
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """[B, S, S, 3] backbone views -> [B, N] int token ids (numpy)."""
-        import jax
-
-        images = np.asarray(images, np.float32)
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            n = len(chunk)
-            if n < self.batch_size:
-                chunk = np.concatenate(
-                    [chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-            x = chunk if self._sharding is None else jax.device_put(chunk, self._sharding)
-            out.append(np.asarray(self._fn(*self._params, x))[:n])
-        if not out:
-            return np.zeros((0, self.model.num_tokens), np.int32)
-        return np.concatenate(out)
-
-    def texts(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
-        ids = self(images)
-        return self.model.texts(ids), ids
+# ------------------------------------------------------------------------------------ encoding
 
 
 def encode_records(
     records: Iterable[dict[str, Any]],
-    model: Any,
-    trainable: Any,
-    frozen: Any,
-    preprocess: PreprocessConfig,
+    encoder: Any,
     *,
-    batch_size: int = 32,
-    mesh: Any = None,
     on_error: ErrorFn | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Records -> {'id', 'text', 'token_ids'[, 'path']} in input order, corrupt images skipped.
 
-    `on_error(id, reason)` hears about every image that could not be decoded (default: re-raise).
+    `encoder`: an `inference.TextEncoder`. `on_error(id, reason)` hears about every image that could
+    not be decoded (default: re-raise).
     """
-    encoder = TokenEncoder(model, trainable, frozen, batch_size=batch_size, mesh=mesh)
+    preprocess = encoder.preprocess
     pending: list[tuple[dict, np.ndarray]] = []
 
     def flush() -> Iterator[dict[str, Any]]:
-        texts, ids = encoder.texts(np.stack([v for _, v in pending]))
+        ids = encoder.token_ids(np.stack([v for _, v in pending]))
+        texts = encoder.texts_of_ids(ids)
         for (rec, _), text, row in zip(pending, texts, ids):
             out = {"id": str(rec.get("id", "")), "text": text,
                    "token_ids": [int(t) for t in row]}
@@ -202,17 +132,12 @@ def encode_records(
 def encode_to_jsonl(
     specs: Sequence[str],
     out: str | os.PathLike,
-    config: Any,
-    model: Any,
-    trainable: Any,
-    frozen: Any,
+    encoder: Any,
     *,
-    batch_size: int = 32,
-    mesh: Any = None,
     limit: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Encodes every image of `specs` into `out` (JSONL).
+    """Encodes every image of `specs` into `out` (JSONL) with `encoder` (an `inference.TextEncoder`).
 
     Returns {'encoded': count, 'skipped': count, 'errors': [(id, reason), ...]}.
     """
@@ -223,8 +148,7 @@ def encode_to_jsonl(
         print(f"skipped unreadable image {name}: {reason}", file=sys.stderr, flush=True)
 
     records = iter_image_records(specs, limit=limit, on_error=on_error)
-    results = encode_records(records, model, trainable, frozen, preprocess_config_for(config),
-                             batch_size=batch_size, mesh=mesh, on_error=on_error)
+    results = encode_records(records, encoder, on_error=on_error)
     if progress:
         from tqdm import tqdm
 
@@ -261,7 +185,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dediffusion_jax.encode",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True,
-                   help="a training workdir (latest checkpoint) or WORKDIR/checkpoints/STEP")
+                   help="a training workdir (latest checkpoint), WORKDIR/checkpoints/STEP, or a "
+                        "folder exported by TextEncoder.export")
+    p.add_argument("--decoder", default=None,
+                   help="decoder folder to use instead of the one recorded with the encoder (its "
+                        "weights must hash to the recorded identity)")
     p.add_argument("--images", nargs="+", required=True,
                    help="image files, folders, or source specs (tfds:NAME:SPLIT[@DIR], "
                         "arrayrecord:GLOB, folder:PATH)")
@@ -277,17 +205,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from dediffusion_jax.train.checkpoint import load_for_inference
+    from dediffusion_jax.inference import CheckpointError, TextEncoder
 
     try:
-        config, model, trainable, frozen = load_for_inference(args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        encoder = TextEncoder.load(args.checkpoint, args.decoder, batch_size=args.batch_size,
+                                   mesh=default_mesh())
+    except (CheckpointError, FileNotFoundError, ValueError) as e:  # (DecoderFolderError too)
+        print(f"error: cannot load the encoder {args.checkpoint}: {e}", file=sys.stderr)
         return 2
     try:
-        summary = encode_to_jsonl(args.images, args.out, config, model, trainable, frozen,
-                                  batch_size=args.batch_size, mesh=default_mesh(),
-                                  limit=args.limit, progress=not args.no_progress)
+        summary = encode_to_jsonl(args.images, args.out, encoder, limit=args.limit,
+                                  progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None, *, extractor: Any = None) -> int:
     from dediffusion_jax.data.sources import source_from_spec
     from dediffusion_jax.evaluation import reconstruction as rc
     from dediffusion_jax.evaluation import text_sources as ts
+    from dediffusion_jax.inference import CheckpointError
 
     if extractor is None:
         if not args.inception:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None, *, extractor: Any = None) -> int:
     except rc.ProtocolStopped as e:
         print(f"{e} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
         return 0
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     best = ", ".join(f"{r['name']}: {r['best_fid']:.2f} @ {r['best_guidance']}"

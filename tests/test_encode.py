@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -13,10 +12,13 @@ import pytest
 from PIL import Image
 
 from dediffusion_jax import encode
-from projects.miniworld import tokenizer as world_tokenizer
+from dediffusion_jax.inference import TextEncoder
+from dediffusion_jax.models import build
 from dediffusion_jax.parallel.mesh import make_mesh
-from dediffusion_jax.t2i import tiny
-from dediffusion_jax.train import builders
+from dediffusion_jax.t2i import folder, tiny
+from projects.miniworld import tokenizer as world_tokenizer
+from test_train_loop import tiny_config as world_tiny_config
+from test_train_loop import write_decoder
 
 IMAGE = 16
 
@@ -35,15 +37,31 @@ def tiny_config() -> ml_collections.ConfigDict:
     })
 
 
-def tiny_dediffusion(decoder=None, seed: int = 1):
-    """(config, model, trainable, frozen) as `train.checkpoint.load_for_inference` returns them,
-    built directly from a random tiny pixel decoder and a random encoder."""
+def tiny_encoder(decoder=None, seed: int = 1, *, batch_size: int = 4, mesh=None) -> TextEncoder:
+    """A `TextEncoder` around a random tiny encoder and a random tiny pixel decoder (no training)."""
     if decoder is None:
         decoder = tiny.random_decoder("pixel", world_tokenizer.DEFAULT_DIR, seed=0)
     config = tiny_config()
-    model, init_params, _ = builders.build_model(config, decoder)
+    model, init_params, _ = build.build_model(config, decoder.spec)
     trainable = jax.jit(init_params)(jax.random.key(seed))
-    return config, model, trainable, {"decoder": decoder.params}
+    return TextEncoder(config, model, trainable, {}, decoder, batch_size=batch_size, mesh=mesh)
+
+
+def write_checkpoint(workdir: Path, decoder_dir: Path, step: int = 3) -> Path:
+    """A real checkpoint (the training program's save) of an untrained tiny world-config run."""
+    from dediffusion_jax.train import checkpoint as ckpt_lib
+    from dediffusion_jax.train import loop
+
+    config = world_tiny_config(decoder_dir)
+    parts = loop.build_parts(config, folder.load_decoder(decoder_dir))
+    state = jax.jit(parts.init_state)(jax.random.key(int(config.seed)), parts.state_backbone_arg)
+    manager = ckpt_lib.make_manager(workdir, async_save=False)
+    try:
+        ckpt_lib.save(manager, step, state, None, config, ckpt_lib.decoder_info(parts.decoder))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return workdir
 
 
 def write_pngs(folder, n: int, size: int = IMAGE, seed: int = 0) -> list[str]:
@@ -59,20 +77,14 @@ def write_pngs(folder, n: int, size: int = IMAGE, seed: int = 0) -> list[str]:
     return names
 
 
-@pytest.fixture(scope="module")
-def built():
-    return tiny_dediffusion()
-
-
-def test_folder_with_a_corrupt_file_gives_one_line_per_good_image(built, tmp_path, capsys):
-    config, model, trainable, frozen = built
+def test_folder_with_a_corrupt_file_gives_one_line_per_good_image(tmp_path, capsys):
+    mesh = make_mesh({"data": 2}, devices=jax.devices()[:2])
+    encoder = tiny_encoder(batch_size=2, mesh=mesh)
     names = write_pngs(tmp_path / "imgs", 5)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
 
     out = tmp_path / "texts.jsonl"
-    mesh = make_mesh({"data": 2}, devices=jax.devices()[:2])
-    summary = encode.encode_to_jsonl([str(tmp_path / "imgs")], out, config, model, trainable,
-                                     frozen, batch_size=2, mesh=mesh, progress=False)
+    summary = encode.encode_to_jsonl([str(tmp_path / "imgs")], out, encoder, progress=False)
 
     err = capsys.readouterr().err
     assert summary["encoded"] == 5 and summary["skipped"] == 1
@@ -82,24 +94,22 @@ def test_folder_with_a_corrupt_file_gives_one_line_per_good_image(built, tmp_pat
     assert all(r["path"].endswith(r["id"]) for r in rows)
 
     # The ids are the model's argmax tokens of the backbone views, the text their detokenization.
-    pre = encode.preprocess_config_for(config)
-    views = np.stack([encode.backbone_view({"image": (tmp_path / "imgs" / n).read_bytes()}, pre)
-                      for n in names])
-    expected = np.asarray(jax.jit(model.token_ids)(trainable, frozen, views))
+    views = np.stack([encode.backbone_view({"image": (tmp_path / "imgs" / n).read_bytes()},
+                                           encoder.preprocess) for n in names])
+    model = encoder.model
+    expected = np.asarray(jax.jit(model.token_ids)(encoder.trainable, {}, views))
     assert np.array_equal(np.array([r["token_ids"] for r in rows]), expected)
     assert expected.shape == (5, model.num_tokens)
     assert [r["text"] for r in rows] == model.texts(expected)
     assert all(isinstance(r["text"], str) for r in rows)
 
 
-def test_files_and_missing_files(built, tmp_path, capsys):
-    config, model, trainable, frozen = built
+def test_files_and_missing_files(tmp_path, capsys):
     write_pngs(tmp_path, 2)
     files = [str(tmp_path / "img_000.png"), str(tmp_path / "nope.png"),
              str(tmp_path / "img_001.png")]
     out = tmp_path / "t.jsonl"
-    summary = encode.encode_to_jsonl(files, out, config, model, trainable, frozen,
-                                     batch_size=4, progress=False)
+    summary = encode.encode_to_jsonl(files, out, tiny_encoder(), progress=False)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [files[0], files[2]]
     # a missing file is unreadable like a corrupt one: reported, counted, skipped
@@ -107,26 +117,35 @@ def test_files_and_missing_files(built, tmp_path, capsys):
     assert summary["errors"][0][0] == files[1] and "nope.png" in capsys.readouterr().err
 
 
-def test_cli_calls_load_for_inference(built, tmp_path, monkeypatch, capsys):
-    calls = []
-
-    def load_for_inference(path):
-        calls.append(path)
-        return built
-
-    try:
-        from dediffusion_jax.train import checkpoint
-        monkeypatch.setattr(checkpoint, "load_for_inference", load_for_inference)
-    except ImportError:  # the checkpoint module lands separately; stand in for it
-        fake = types.ModuleType("dediffusion_jax.train.checkpoint")
-        fake.load_for_inference = load_for_inference
-        monkeypatch.setitem(sys.modules, "dediffusion_jax.train.checkpoint", fake)
+def test_cli_reads_a_checkpoint_and_its_exported_folder(tmp_path, capsys):
+    decoder_dir = write_decoder(tmp_path / "decoder", seed=0)
+    workdir = write_checkpoint(tmp_path / "run", decoder_dir)
     write_pngs(tmp_path / "imgs", 3)
     (tmp_path / "imgs" / "zz_bad.jpg").write_bytes(b"garbage")
-    out = tmp_path / "out.jsonl"
-    rc = encode.main(["--checkpoint", "WORK/checkpoints/7", "--images", str(tmp_path / "imgs"),
-                      "--out", str(out), "--batch-size", "2", "--no-progress"])
-    assert rc == 0 and calls == ["WORK/checkpoints/7"]
-    assert len(out.read_text().splitlines()) == 3
+
+    def run(checkpoint, out, *extra):
+        return encode.main(["--checkpoint", str(checkpoint), "--images", str(tmp_path / "imgs"),
+                            "--out", str(out), "--batch-size", "2", "--no-progress", *extra])
+
+    assert run(workdir / "checkpoints" / "3", tmp_path / "a.jsonl") == 0
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     err = capsys.readouterr().err
-    assert "zz_bad.jpg" in err and "skipped 1 unreadable" in err
+    assert len(rows) == 3 and "zz_bad.jpg" in err and "skipped 1 unreadable" in err
+    encoder = TextEncoder.from_checkpoint(workdir)
+    views = np.stack([encode.backbone_view({"image": (tmp_path / "imgs" / r["id"]).read_bytes()},
+                                           encoder.preprocess) for r in rows])
+    np.testing.assert_array_equal([r["token_ids"] for r in rows], encoder.token_ids(views))
+
+    # The exported folder, with the decoder given explicitly, writes the same file.
+    exported = encoder.export(tmp_path / "exported")
+    assert run(exported, tmp_path / "b.jsonl", "--decoder", str(decoder_dir)) == 0
+    assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
+
+    # A missing checkpoint or another decoder: one line on stderr, exit status 2.
+    capsys.readouterr()
+    assert run(tmp_path / "nowhere", tmp_path / "c.jsonl") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load the encoder") and err.count("\n") == 1
+    other = write_decoder(tmp_path / "other", seed=1)
+    assert run(exported, tmp_path / "c.jsonl", "--decoder", str(other)) == 2
+    assert "weights hash" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from dediffusion_jax.evaluation import report
 from dediffusion_jax.evaluation import text_sources as ts
 from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.t2i import folder, tiny
-from test_encode import tiny_dediffusion
+from test_encode import tiny_encoder
 
 RES = 16
 GUIDANCE = (1.5, 3.0)
@@ -131,9 +131,7 @@ def decoder(decoder_dir):
 
 @pytest.fixture(scope="module")
 def dediffusion_source(decoder):
-    config, model, trainable, frozen = tiny_dediffusion(decoder)
-    return ts.DeDiffusionTexts(config, model, trainable, frozen, key="dediffusion:tiny-random",
-                               batch_size=4)
+    return ts.DeDiffusionTexts(tiny_encoder(decoder, batch_size=4), key="dediffusion:tiny-random")
 
 
 class CountingGenerate:
@@ -305,9 +303,8 @@ def test_cli_torch_backend_runs_diffusers_stable_diffusion(tmp_path):
     assert row["name"] == "t" and all(np.isfinite(list(row["fid"].values())))
 
 
-def test_cli_checkpoint_source_uses_load_for_inference(tmp_path, decoder_dir, monkeypatch):
-    import sys
-    import types
+def test_cli_checkpoint_source_loads_a_text_encoder(tmp_path, decoder_dir, monkeypatch):
+    from dediffusion_jax.inference import TextEncoder
 
     (tmp_path / "run/checkpoints/100").mkdir(parents=True)
     (tmp_path / "run/checkpoints/250").mkdir()
@@ -316,13 +313,11 @@ def test_cli_checkpoint_source_uses_load_for_inference(tmp_path, decoder_dir, mo
 
     calls = []
 
-    def load_for_inference(path):
+    def load(path, decoder=None, **kw):  # (tests/test_inference.py loads real checkpoints)
         calls.append(path)
-        return tiny_dediffusion(folder.load_decoder(decoder_dir))
+        return tiny_encoder(folder.load_decoder(decoder_dir), **kw)
 
-    fake = types.ModuleType("dediffusion_jax.train.checkpoint")
-    fake.load_for_inference = load_for_inference
-    monkeypatch.setitem(sys.modules, "dediffusion_jax.train.checkpoint", fake)
+    monkeypatch.setattr(TextEncoder, "load", staticmethod(load))
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     for r in make_records(3, corrupt=-1):

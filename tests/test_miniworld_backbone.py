@@ -16,7 +16,7 @@ from projects.miniworld.configs import world as miniworld_config
 from projects.miniworld import pretrain_backbone, scenes
 from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.models import vit
-from dediffusion_jax.train import builders
+from dediffusion_jax.models import build
 
 
 def _unit(x):
@@ -101,11 +101,11 @@ def test_de_diffusion_loads_the_vision_tower_of_the_exported_folder(short_run):
 def test_the_world_config_freezes_the_committed_backbone_and_scratch_is_the_random_init_ablation():
     c = miniworld_config.get_config()
     assert c.backbone.init == miniworld_config.WORLD_BACKBONE and c.backbone.frozen
-    module, params = builders.build_backbone(c)
+    module, params = build.build_backbone(c)
     assert params is not None and module.config == pretrain_backbone.VISION_CONFIG
     scratch = miniworld_config.get_config("backbone=scratch")
     assert scratch.backbone.init == "" and not scratch.backbone.frozen
-    module, params = builders.build_backbone(scratch)
+    module, params = build.build_backbone(scratch)
     assert params is None and module.config.hidden_size == pretrain_backbone.VISION_CONFIG.hidden_size
 
 

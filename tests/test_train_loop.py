@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -142,19 +141,3 @@ def test_a_different_decoder_is_refused(reference, tmp_path):
     other = write_decoder(tmp_path / "other_decoder", seed=1)
     with pytest.raises(ckpt_lib.DecoderMismatchError, match="weights hash"):
         loop.train_and_evaluate(tiny_config(other, total_steps=TOTAL + 2), workdir)
-
-
-def test_load_for_inference_gives_a_model_whose_token_ids_run(reference):
-    workdir, _ = reference
-    images = scenes.images_of(scenes.split_indices("heldout")[:3])
-    config, model, trainable, frozen = ckpt_lib.load_for_inference(workdir)
-    assert config.total_steps == TOTAL and model.num_tokens == 6
-    ids = np.asarray(model.token_ids(trainable, frozen, images))
-    assert ids.shape == (3, 6)
-    assert not set(ids.ravel().tolist()) & set(model.encoder.config.excluded_ids)
-    texts = model.texts(ids)
-    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
-    # A specific step, and it is the checkpoint of that step (earlier params differ).
-    _, _, at20, _ = ckpt_lib.load_for_inference(workdir / "checkpoints" / "20")
-    diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), at20, trainable)
-    assert max(jax.tree.leaves(diff)) > 0

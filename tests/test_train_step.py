@@ -19,6 +19,7 @@ from dediffusion_jax.models import quantizer
 from dediffusion_jax.parallel import sharding as sharding_lib
 from dediffusion_jax.parallel.mesh import make_mesh
 from dediffusion_jax.t2i import clip_text, tiny
+from dediffusion_jax.models import build
 from dediffusion_jax.train import builders, step as step_lib
 
 BATCH = 8
@@ -55,7 +56,7 @@ def decoder():
 
 @pytest.fixture(scope="module")
 def built(decoder):
-    model, init_params, _ = builders.build_model(tiny_config(), decoder)
+    model, init_params, _ = build.build_model(tiny_config(), decoder.spec)
     params = jax.jit(init_params)(jax.random.key(1))
     frozen = {"decoder": decoder.params}
     return model, params, frozen
@@ -110,7 +111,7 @@ def test_fused_and_soft_token_paths_agree(decoder):
     rng, temp = jax.random.key(4), jnp.float32(1.3)
     results = []
     for path in ("fused", "soft"):
-        model, init_params, _ = builders.build_model(tiny_config(token_path=path, hard=False), decoder)
+        model, init_params, _ = build.build_model(tiny_config(token_path=path, hard=False), decoder.spec)
         params = init_params(jax.random.key(1))
         loss, grads = jax.value_and_grad(lambda p: model.loss(p, {"decoder": decoder.params}, batch, rng, temp)[0])(params)
         results.append((loss, grads))
@@ -167,7 +168,7 @@ def _run_steps(model, init_params, frozen_params, mesh, num_steps=3, lr=1e-3):
 
 def test_frozen_decoder_is_bit_identical_after_steps(built, decoder):
     model, _, _ = built
-    _, init_params, _ = builders.build_model(tiny_config(), decoder)
+    _, init_params, _ = build.build_model(tiny_config(), decoder.spec)
     before = jax.tree.map(np.array, {"decoder": decoder.params})
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     state, losses, metrics, frozen_after = _run_steps(model, init_params, {"decoder": decoder.params}, mesh)
@@ -183,7 +184,7 @@ def test_frozen_decoder_is_bit_identical_after_steps(built, decoder):
 @pytest.mark.parametrize("axes", [{"data": 8}, {"data": 4, "fsdp": 2}, {"data": 2, "tensor": 4}])
 def test_sharded_steps_match_one_device(built, decoder, axes):
     model, _, _ = built
-    _, init_params, _ = builders.build_model(tiny_config(), decoder)
+    _, init_params, _ = build.build_model(tiny_config(), decoder.spec)
     frozen = {"decoder": decoder.params}
     single, losses1, _, _ = _run_steps(
         model, init_params, frozen, make_mesh({"data": 1}, devices=jax.devices()[:1])
@@ -203,7 +204,7 @@ def test_loss_falls_on_a_fixed_batch(built, decoder):
     0.930 -> 0.889 mean loss over the first/last 10 of 150 steps); the miniature world's trained
     decoder shows the real effect (docs/miniworld.md).
     """
-    model, init_params, _ = builders.build_model(tiny_config(), decoder)
+    model, init_params, _ = build.build_model(tiny_config(), decoder.spec)
     optimizer = optax.adam(1e-2)
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     state, state_sh = born_sharded_state(init_params, optimizer, mesh)
@@ -244,7 +245,7 @@ def test_slot_usage_entropy_spans_constant_to_uniform_words(built):
 def test_diversity_weight_adds_the_term_and_its_gradient_is_finite(decoder):
     config = tiny_config()
     config.quantizer.diversity_weight = 0.5
-    model, init_params, _ = builders.build_model(config, decoder)
+    model, init_params, _ = build.build_model(config, decoder.spec)
     params = jax.jit(init_params)(jax.random.key(1))
     frozen, batch, rng = {"decoder": decoder.params}, make_batch(), jax.random.key(2)
     (loss, aux), grads = jax.value_and_grad(model.loss, has_aux=True)(
@@ -252,7 +253,7 @@ def test_diversity_weight_adds_the_term_and_its_gradient_is_finite(decoder):
     assert 0.0 < float(aux["slot_usage_entropy"]) < 1.0
     np.testing.assert_allclose(loss, aux["denoising_loss"] + 0.5 * (1 - aux["slot_usage_entropy"]), rtol=1e-6)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-    plain, _ = builders.build_model(tiny_config(), decoder)[:2]
+    plain, _ = build.build_model(tiny_config(), decoder.spec)[:2]
     np.testing.assert_allclose(plain.loss(params, frozen, batch, rng, jnp.float32(1.0))[0],
                                aux["denoising_loss"], rtol=1e-6)
 
@@ -265,7 +266,7 @@ def test_loss_timestep_range_selects_the_noise_levels(decoder):
     for name, fractions in {"clean": (0.0, 0.01), "noisy": (0.999, 1.0)}.items():
         config = tiny_config()
         config.loss = ml_collections.ConfigDict(dict(timestep_range=fractions))
-        model, init_params, _ = builders.build_model(config, decoder)
+        model, init_params, _ = build.build_model(config, decoder.spec)
         assert model.timestep_range == fractions
         params = jax.jit(init_params)(jax.random.key(1))
         losses[name] = float(model.loss(params, {"decoder": decoder.params}, make_batch(),
@@ -274,7 +275,7 @@ def test_loss_timestep_range_selects_the_noise_levels(decoder):
     config = tiny_config()
     config.loss = ml_collections.ConfigDict(dict(timestep_range=(0.6, 0.4)))
     with pytest.raises(ValueError, match="timestep fraction range"):
-        builders.build_model(config, decoder)
+        build.build_model(config, decoder.spec)
 
 
 def test_a_timestep_curriculum_moves_the_noise_levels_over_training(decoder):
@@ -285,7 +286,7 @@ def test_a_timestep_curriculum_moves_the_noise_levels_over_training(decoder):
     def model_with(**loss):
         config = tiny_config()
         config.loss = ml_collections.ConfigDict(loss)
-        return builders.build_model(config, decoder)[:2]
+        return build.build_model(config, decoder.spec)[:2]
 
     moving, init_params = model_with(timestep_range=(0.999, 1.0), timestep_range_final=(0.0, 0.01),
                                      timestep_ramp_fraction=0.5)
@@ -312,7 +313,7 @@ def test_log_mean_reduction_averages_log_errors_and_keeps_the_plain_loss_as_a_me
     def model_with(**loss):
         config = tiny_config()
         config.loss = ml_collections.ConfigDict(loss)
-        return builders.build_model(config, decoder)[:2]
+        return build.build_model(config, decoder.spec)[:2]
 
     plain, init_params = model_with(timestep_range=(0.0, 1.0))
     logged, _ = model_with(timestep_range=(0.0, 1.0), reduction="log_mean")
@@ -332,7 +333,7 @@ def test_sharded_steps_with_the_diversity_term_match_one_device(decoder):
     """The diversity term averages over the whole (sharded) batch: 4 x 2 devices must agree with one."""
     config = tiny_config()
     config.quantizer.diversity_weight = 0.1
-    model, init_params, _ = builders.build_model(config, decoder)
+    model, init_params, _ = build.build_model(config, decoder.spec)
     frozen = {"decoder": decoder.params}
     single, losses1, m1, _ = _run_steps(model, init_params, frozen,
                                         make_mesh({"data": 1}, devices=jax.devices()[:1]))

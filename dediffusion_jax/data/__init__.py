@@ -7,14 +7,26 @@
     batch = next(it)              # {'backbone': [b,224,224,3], 'decoder': [b,256,256,3], 'id': [b], ...}
 """
 
-from dediffusion_jax.data.pipeline import DataIterator, Dataset, make_dataset
-from dediffusion_jax.data.preprocess import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
-                                             CorruptExampleError, PreprocessConfig, Preprocessor,
-                                             decode_image, join_captions, split_captions,
-                                             two_views)
-from dediffusion_jax.data.sources import (SPEC_FORMS, ArrayRecordSource, ImageFolderSource,
-                                          ImageSource, TfdsSource, source_from_spec,
-                                          write_array_record)
+# The names below load lazily (PEP 562), so that `dediffusion_jax.data.preprocess` (all that
+# inference needs) does not pull in grain through the pipeline.
+_EXPORTS = {
+    "pipeline": ("DataIterator", "Dataset", "make_dataset"),
+    "preprocess": ("CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CorruptExampleError",
+                   "PreprocessConfig", "Preprocessor", "decode_image", "join_captions",
+                   "split_captions", "two_views"),
+    "sources": ("SPEC_FORMS", "ArrayRecordSource", "ImageFolderSource", "ImageSource", "TfdsSource",
+                "source_from_spec", "write_array_record"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+
 
 __all__ = [
     "ArrayRecordSource", "CLIP_MEAN", "CLIP_STD", "CorruptExampleError", "DataIterator", "Dataset",

@@ -235,7 +235,7 @@ def run_protocol(
       source: an image source (`len`, `source[i] -> {'id', 'image', 'captions'?}`); the first
         `num_images` (default all) are used, undecodable ones skipped and listed.
       text_sources: `TextSource`s (see `evaluation.text_sources`); names must be distinct.
-      decoder: a `t2i.folder.Decoder` run by the Flax pipeline, or None when `generate_fn` is given.
+      decoder: a `t2i.folder.LoadedDecoder` run by the Flax pipeline, or None when `generate_fn` is given.
       guidance_scales, num_steps: the sweep (the paper: PAPER_GUIDANCE_SCALES, 50 DDIM steps).
       extractor: a `fid.FeatureExtractor` (InceptionV3 for the standard FID; any network for
         miniature experiments); it gets uint8 [B, R, R, 3] batches.

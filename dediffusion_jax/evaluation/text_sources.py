@@ -142,23 +142,17 @@ class JsonlTexts:
 
 
 class DeDiffusionTexts:
-    """De-Diffusion text of each image: the trained encoder's argmax tokens, detokenized.
+    """De-Diffusion text of each image: a trained encoder's argmax tokens, detokenized.
 
-    Built from what `train.checkpoint.load_for_inference` returns; `key` should name the checkpoint
-    (the CLI passes its path and step) so a resumed run never mixes two checkpoints' shards.
+    `encoder` is an `inference.TextEncoder`; `key` should name the checkpoint (default: the
+    encoder's key, its path and step or weights hash) so a resumed run never mixes two checkpoints'
+    shards.
     """
 
-    def __init__(self, config: Any, model: Any, trainable: Any, frozen: Any, *,
-                 name: str = "De-Diffusion", key: str | None = None, batch_size: int = 32,
-                 mesh: Any = None):
-        from dediffusion_jax import encode
-
+    def __init__(self, encoder: Any, *, name: str = "De-Diffusion", key: str | None = None):
         self.name = name
-        self.key = key or f"dediffusion:{name}"
-        self.model = model
-        self.preprocess = encode.preprocess_config_for(config)
-        self.encoder = encode.TokenEncoder(model, trainable, frozen, batch_size=batch_size,
-                                           mesh=mesh)
+        self.key = key or encoder.key
+        self.encoder = encoder
         self.last_token_ids: np.ndarray | None = None
 
     def texts(self, records: Sequence[dict[str, Any]]) -> list[str]:
@@ -166,19 +160,20 @@ class DeDiffusionTexts:
 
         if not records:
             return []
-        views = np.stack([encode.backbone_view(r, self.preprocess) for r in records])
-        texts, self.last_token_ids = self.encoder.texts(views)
-        return texts
+        views = np.stack([encode.backbone_view(r, self.encoder.preprocess) for r in records])
+        self.last_token_ids = self.encoder.token_ids(views)
+        return self.encoder.texts_of_ids(self.last_token_ids)
 
 
 def from_checkpoint(path: str | os.PathLike, *, name: str = "De-Diffusion", batch_size: int = 32,
-                    mesh: Any = None) -> DeDiffusionTexts:
-    """A De-Diffusion text source from a training workdir or WORKDIR/checkpoints/STEP."""
-    from dediffusion_jax.train.checkpoint import load_for_inference
+                    mesh: Any = None, decoder: Any = None) -> DeDiffusionTexts:
+    """A De-Diffusion text source from a training workdir, WORKDIR/checkpoints/STEP or an exported
+    encoder folder (`decoder` overrides the recorded decoder folder)."""
+    from dediffusion_jax.inference import TextEncoder, is_exported
 
-    config, model, trainable, frozen = load_for_inference(path)
-    return DeDiffusionTexts(config, model, trainable, frozen, name=name,
-                            key=checkpoint_key(path), batch_size=batch_size, mesh=mesh)
+    encoder = TextEncoder.load(path, decoder, batch_size=batch_size, mesh=mesh)
+    key = encoder.key if is_exported(path) else checkpoint_key(path)
+    return DeDiffusionTexts(encoder, name=name, key=key)
 
 
 def checkpoint_key(path: str | os.PathLike) -> str:

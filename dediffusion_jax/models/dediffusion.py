@@ -1,8 +1,9 @@
 """Where the trainable encoder meets the frozen decoder: images -> text states -> denoising loss.
 
-`DeDiffusion` is a small static object (modules, configs, token layout) whose methods are pure
-functions of (trainable params, frozen params, batch, rng): the train step, the evaluation and the
-encode command all call it. Nothing here owns parameters.
+`DeDiffusion` is a small static object (modules, the decoder's `DecoderSpec`, token layout) whose
+methods are pure functions of (trainable params, frozen params, batch, rng): the train step, the
+evaluation and `inference.TextEncoder` all call it. Nothing here owns parameters; the decoder's
+weights arrive as `frozen["decoder"]`. `models.build.build_model` makes one from a config.
 
 Token path (config `quantizer.token_path`):
 - "fused" (default): vocabulary head + Gumbel-softmax + (soft @ E) in one custom-VJP op that never keeps
@@ -26,7 +27,7 @@ from dediffusion_jax.models import quantizer
 from dediffusion_jax.models.encoder import DeDiffusionEncoder
 from dediffusion_jax.t2i import clip_text, schedules
 from dediffusion_jax.t2i import vae as vae_lib
-from dediffusion_jax.t2i.folder import Decoder
+from dediffusion_jax.t2i.folder import DecoderSpec
 
 Array = jax.Array
 TOKEN_PATHS = ("fused", "soft")
@@ -38,7 +39,8 @@ STATS_EXAMPLES = 16
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DeDiffusion:
-    """The De-Diffusion autoencoder: `encoder` (trainable module) + `decoder` (frozen, static).
+    """The De-Diffusion autoencoder: `encoder` (trainable module) + `decoder` (the frozen decoder's
+    static spec; its weights are `frozen["decoder"]`).
 
     Param trees passed to the methods:
       trainable: the encoder params that get gradients ({"pooler", "vocab_head"} and, when the backbone
@@ -47,7 +49,7 @@ class DeDiffusion:
     """
 
     encoder: DeDiffusionEncoder
-    decoder: Decoder
+    decoder: DecoderSpec
     hard: bool = True
     token_path: str = "fused"
     rows_per_chunk: int = 16
@@ -63,6 +65,9 @@ class DeDiffusion:
     reduction: str = "mean"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.decoder, DecoderSpec):
+            raise TypeError(f"DeDiffusion.decoder must be a DecoderSpec (a loaded decoder's .spec; its "
+                            f"params go in frozen['decoder']), got {type(self.decoder).__name__}")
         schedules.timestep_bounds(self.decoder.schedule, self.timestep_range)  # fail at build time
         if self.timestep_range_final is not None:
             schedules.timestep_bounds(self.decoder.schedule, self.timestep_range_final)

@@ -40,9 +40,14 @@ class DecoderFolderError(ValueError):
     """A decoder folder is missing, incomplete, or holds something we refuse to load."""
 
 
-@dataclasses.dataclass(eq=False)  # hashed by identity: a static argument of jitted samplers
-class Decoder:
-    """A frozen text-to-image decoder: configs, modules, params, tokenizer and noise schedule."""
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static argument of jit
+class DecoderSpec:
+    """The static part of a frozen text-to-image decoder: configs, tokenizer, noise schedule, dtype.
+
+    Holds no arrays, so it is safe (and cheap) as a static argument of jitted functions; the
+    weights travel separately as a params pytree {"text_encoder", "unet", "vae"?} (`LoadedDecoder`
+    pairs the two). Hashed by object identity: reuse one spec to reuse compiled programs.
+    """
 
     path: Path | None
     text_config: clip_text.CLIPTextConfig
@@ -50,7 +55,6 @@ class Decoder:
     vae_config: vae.VAEConfig | None
     schedule: schedules.NoiseSchedule
     tokenizer: Any  # transformers.CLIPTokenizer(Fast)
-    params: dict[str, Any]  # {"text_encoder": ..., "unet": ..., "vae"?: ...}
     dtype: Any = jnp.float32  # compute dtype of the modules
 
     @property
@@ -92,15 +96,41 @@ class Decoder:
         s = int(self.unet_config.sample_size)
         return (s, s, int(self.unet_config.in_channels))
 
+
+def weights_identity(params: dict[str, Any]) -> str:
+    """A hash of decoder weights: checkpoints record it so a resumed run refuses another decoder."""
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        for key, value in sorted(convert.flax_to_torch(params[name]).items()):
+            digest.update(f"{name}/{key}".encode())
+            digest.update(np.ascontiguousarray(value, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedDecoder:
+    """A decoder as loaded from a folder: its static `spec` and its `params` pytree.
+
+    Unpacks as `spec, params = load_decoder(path)`. Attributes of the spec (tokenizer, unet,
+    image_size, ...) read through, so code that only needs the spec may take either; jitted code
+    takes `spec` as a static argument and `params` as an ordinary one.
+    """
+
+    spec: DecoderSpec
+    params: dict[str, Any]  # {"text_encoder": ..., "unet": ..., "vae"?: ...}
+
+    def __iter__(self):
+        return iter((self.spec, self.params))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("spec", "params"):  # (copy/pickle probes, unpickling)
+            raise AttributeError(name)
+        return getattr(self.spec, name)
+
     @functools.cached_property
     def identity(self) -> str:
-        """A hash of the weights: checkpoints record it so a resumed run refuses another decoder."""
-        digest = hashlib.sha256()
-        for name in sorted(self.params):
-            for key, value in sorted(convert.flax_to_torch(self.params[name]).items()):
-                digest.update(f"{name}/{key}".encode())
-                digest.update(np.ascontiguousarray(value, dtype=np.float32).tobytes())
-        return digest.hexdigest()[:16]
+        """`weights_identity(params)`, computed once (it hashes every weight)."""
+        return weights_identity(self.params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +179,7 @@ def _load_component(
         state, abstract_params(module, inputs), source=str(component_dir), **kw
     )
     # Half-precision checkpoints (SD "fp16" variants, our float16 world decoder) are upcast: params
-    # always live in float32, the compute dtype is the Decoder's `dtype`.
+    # always live in float32, the compute dtype is the spec's `dtype`.
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
@@ -195,8 +225,9 @@ def save_tokenizer(tokenizer: Any, directory: Path) -> None:
             shutil.copyfile(source / name, directory / name)
 
 
-def load_decoder(path: str | Path, *, dtype: Any = jnp.float32, load_vae: bool = True) -> Decoder:
-    """Loads a diffusers-format text-to-image folder into Flax.
+def load_decoder(path: str | Path, *, dtype: Any = jnp.float32,
+                 load_vae: bool = True) -> LoadedDecoder:
+    """Loads a diffusers-format text-to-image folder into Flax: `spec, params = load_decoder(path)`.
 
     Args:
       path: the folder (e.g. a downloaded stable-diffusion-2-base, or the miniature world's decoder).
@@ -252,7 +283,8 @@ def load_decoder(path: str | Path, *, dtype: Any = jnp.float32, load_vae: bool =
             ignore=vae.TORCH_IGNORE,
             aliases=vae.TORCH_ALIASES,
         )
-    return Decoder(root, text_config, unet_config, vae_config, schedule, tokenizer, params, dtype)
+    spec = DecoderSpec(root, text_config, unet_config, vae_config, schedule, tokenizer, dtype)
+    return LoadedDecoder(spec, params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,8 +305,10 @@ def _write_component(directory: Path, config: dict, params: Any, weights_name: s
     weights.save(tensors, directory / weights_name)
 
 
-def save_decoder(decoder: Decoder, path: str | Path, *, weights_dtype: Any = np.float32) -> Path:
-    """Writes `decoder` as a diffusers-format folder that diffusers/transformers (PyTorch) load.
+def save_decoder(decoder: LoadedDecoder, path: str | Path, *,
+                 weights_dtype: Any = np.float32) -> Path:
+    """Writes `decoder` (spec + params) as a diffusers-format folder that diffusers/transformers
+    (PyTorch) load.
 
     `weights_dtype=np.float16` halves the files (loading upcasts to float32 again).
     """

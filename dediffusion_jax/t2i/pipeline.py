@@ -2,8 +2,9 @@
 
 Why one jitted function per (batch shape, steps, guidance): the whole sampling loop, the text encoder
 and the VAE decode compile into one XLA program, so a batch costs one dispatch, and the batch can be
-sharded over a device mesh by the shardings of its inputs. Noise is drawn per example from
-(seed, global example index), so images do not depend on batch size or on the mesh.
+sharded over a device mesh by the shardings of its inputs. The decoder's `DecoderSpec` is the static
+argument and its params an ordinary (traced) one, so new weights reuse the compiled program. Noise is
+drawn per example from (seed, global example index), so images do not depend on batch size or mesh.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dediffusion_jax.t2i import schedules
-from dediffusion_jax.t2i.folder import Decoder
+from dediffusion_jax.t2i.folder import DecoderSpec, LoadedDecoder
 
 
-def tokenize(decoder: Decoder, prompts: Sequence[str]) -> np.ndarray:
+def tokenize(decoder: DecoderSpec | LoadedDecoder, prompts: Sequence[str]) -> np.ndarray:
     """Prompts -> int32 ids [B, L], padded and truncated as the decoder's tokenizer does."""
     out = decoder.tokenizer(
         list(prompts),
@@ -34,13 +35,13 @@ def tokenize(decoder: Decoder, prompts: Sequence[str]) -> np.ndarray:
     return np.asarray(out["input_ids"], dtype=np.int32)
 
 
-def text_states(decoder: Decoder, params: Any, input_ids: jax.Array) -> jax.Array:
+def text_states(decoder: DecoderSpec, params: Any, input_ids: jax.Array) -> jax.Array:
     """The text encoder's last hidden states [B, L, D]: what the UNet cross-attends to."""
     out = decoder.text_encoder.apply({"params": params["text_encoder"]}, input_ids=input_ids)
     return out.last_hidden_state
 
 
-def initial_noise(decoder: Decoder, seed: int, indices: np.ndarray) -> jax.Array:
+def initial_noise(decoder: DecoderSpec | LoadedDecoder, seed: int, indices: np.ndarray) -> jax.Array:
     """x_T for the given global example indices; independent of batching and device layout."""
     base = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
@@ -54,7 +55,7 @@ def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
 
 
 def sample_from_states(
-    decoder: Decoder,
+    decoder: DecoderSpec,
     params: Any,
     cond_states: jax.Array,
     uncond_states: jax.Array | None,
@@ -141,7 +142,7 @@ def variance_keys(seed: int, indices: np.ndarray) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("decoder", "num_steps", "guidance_scale", "eta"))
 def _sample_ids(
-    decoder: Decoder,
+    decoder: DecoderSpec,
     params: Any,
     ids: jax.Array,
     uncond_ids: jax.Array | None,
@@ -160,7 +161,7 @@ def _sample_ids(
 
 
 def generate(
-    decoder: Decoder,
+    decoder: LoadedDecoder,
     prompts: Sequence[str],
     *,
     num_steps: int = 50,
@@ -171,7 +172,8 @@ def generate(
     mesh: Mesh | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Prompts -> uint8 images [B, H, W, 3]; deterministic for a seed.
+    """Prompts -> uint8 images [B, H, W, 3] drawn by `decoder` (spec + params, as `load_decoder`
+    returns it; `LoadedDecoder(spec, params)` for other weights); deterministic for a seed.
 
     With a mesh, each batch is split over its 'data' axis (batch_size is rounded up to a multiple of
     that axis; a short last batch is padded and the padding dropped).
@@ -208,7 +210,7 @@ def generate(
             batch_ids, x_T, rng = jax.device_put((batch_ids, x_T, rng), sharding)
             uncond = None if uncond is None else jax.device_put(np.asarray(uncond), sharding)
         out = _sample_ids(
-            decoder, params, batch_ids, uncond, x_T, rng,
+            decoder.spec, params, batch_ids, uncond, x_T, rng,
             num_steps=num_steps, guidance_scale=float(guidance_scale), eta=float(eta),
         )
         images.append(to_uint8(out)[:n])

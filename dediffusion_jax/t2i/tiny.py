@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dediffusion_jax.t2i import clip_text, schedules, unet, vae
-from dediffusion_jax.t2i.folder import Decoder, load_tokenizer
+from dediffusion_jax.t2i.folder import DecoderSpec, LoadedDecoder, load_tokenizer
 
 _TEXT = {
     "vocab_size": 0,  # filled from the tokenizer
@@ -161,7 +161,7 @@ def family_configs(family: str, tokenizer: Any) -> dict[str, dict[str, Any] | No
 
 def random_decoder(
     family: str, tokenizer_dir: str | Path, *, seed: int = 0, context_length: int = 16
-) -> Decoder:
+) -> LoadedDecoder:
     """A randomly initialised Flax decoder of a tiny family (for tests and the interim demo)."""
     tokenizer = load_tokenizer(Path(tokenizer_dir), context_length)
     cfg = family_configs(family, tokenizer)
@@ -179,9 +179,8 @@ def random_decoder(
     params = {}
     for key, (name, (module, inputs)) in zip(keys, modules.items()):
         params[name] = jax.jit(lambda k, m=module, i=inputs: m.init(k, *i)["params"])(key)
-    return Decoder(
-        None, text_config, unet_config, vae_config, schedule, tokenizer, params, jnp.float32
-    )
+    spec = DecoderSpec(None, text_config, unet_config, vae_config, schedule, tokenizer, jnp.float32)
+    return LoadedDecoder(spec, params)
 
 
 def write_reference_folder(

@@ -3,7 +3,7 @@
 Layout: WORKDIR/checkpoints/STEP/{state, data, config, decoder}
 - state:   the TrainState (trainable encoder params + optimizer state + step), sharded arrays;
 - data:    the grain iterator state, one JSON file per process (each process reads its own shard);
-- config:  the run's config as JSON (what `load_for_inference` rebuilds the model from);
+- config:  the run's config as JSON (what `inference.TextEncoder` rebuilds the model from);
 - decoder: {"path", "identity"}: a resumed run refuses a decoder whose weights hash differs.
 
 Rules (maxdiffusion's bare `except:` that starts afresh on any error is exactly what this avoids):
@@ -68,6 +68,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
 
 
 def decoder_info(decoder: Any) -> dict[str, str]:
+    """{"path", "identity"} of a `t2i.folder.LoadedDecoder` (identity = its weights hash)."""
     return {"path": str(decoder.path) if decoder.path else "", "identity": decoder.identity}
 
 
@@ -132,33 +133,3 @@ def resolve_checkpoint_path(path: str | Path) -> tuple[Path, int]:
             return p, steps[-1]
     raise CheckpointError(
         f"{p} is neither a run workdir with checkpoints nor WORKDIR/checkpoints/STEP")
-
-
-def load_for_inference(path: str | Path) -> tuple[ml_collections.ConfigDict, Any, Any, Any]:
-    """(config, model, trainable_params, frozen_params) of a trained run, on the default device.
-
-    `path`: a workdir (its latest checkpoint) or WORKDIR/checkpoints/STEP. The decoder is loaded from
-    the path recorded in the checkpoint's config and checked against its recorded identity. Use:
-
-        config, model, trainable, frozen = load_for_inference("workdirs/miniworld")
-        ids = model.token_ids(trainable, frozen, images)   # [B, N]
-        texts = model.texts(ids)
-    """
-    from dediffusion_jax.t2i.folder import load_decoder
-    from dediffusion_jax.train import loop
-
-    workdir, step = resolve_checkpoint_path(path)
-    manager = make_manager(workdir, async_save=False)
-    try:
-        config = ml_collections.ConfigDict(_restore_json(manager, step, "config"))
-        decoder = load_decoder(config.decoder.path)
-        check_decoder(manager, step, decoder_info(decoder))
-        parts = loop.build_parts(config, decoder)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = abstract_with_shardings(
-            parts.abstract_state, jax.tree.map(lambda _: device, parts.abstract_state))
-        state = restore(manager, step, abstract, None)
-    finally:
-        manager.close()
-    frozen = parts.frozen_params(jax.random.key(int(config.seed)))
-    return config, parts.model, state.params, frozen

@@ -35,10 +35,11 @@ from dediffusion_jax import extensions
 from dediffusion_jax.data import pipeline, preprocess, sources
 from dediffusion_jax.parallel import multihost, sharding as sharding_lib
 from dediffusion_jax.parallel.mesh import make_mesh, replicated
-from dediffusion_jax.t2i.folder import Decoder
+from dediffusion_jax.models import build as model_build
+from dediffusion_jax.models.dediffusion import DeDiffusion
+from dediffusion_jax.t2i.folder import LoadedDecoder
 from dediffusion_jax.train import builders, checkpoint as ckpt_lib, metrics as metrics_lib
 from dediffusion_jax.train import optimizer as optimizer_lib, step as step_lib
-from dediffusion_jax.train.model import DeDiffusion
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Parts:
     """Everything a run (or inference) builds from a config and a loaded decoder; no arrays yet."""
 
     config: ml_collections.ConfigDict
-    decoder: Decoder
+    decoder: LoadedDecoder
     model: DeDiffusion
     init_params: Callable[[jax.Array], Any]
     pretrained_backbone: Any | None
@@ -90,8 +91,8 @@ class Parts:
         return frozen
 
 
-def build_parts(config: ml_collections.ConfigDict, decoder: Decoder) -> Parts:
-    model, init_params, pretrained = builders.build_model(config, decoder)
+def build_parts(config: ml_collections.ConfigDict, decoder: LoadedDecoder) -> Parts:
+    model, init_params, pretrained = model_build.build_model(config, decoder.spec)
     return Parts(config, decoder, model, init_params, pretrained,
                  optimizer_lib.make_optimizer(config), optimizer_lib.make_lr_schedule(config),
                  builders.build_temperature_fn(config))
@@ -101,7 +102,7 @@ def build_parts(config: ml_collections.ConfigDict, decoder: Decoder) -> Parts:
 # Data
 
 
-def make_data(config: ml_collections.ConfigDict, decoder: Decoder, *,
+def make_data(config: ml_collections.ConfigDict, decoder: LoadedDecoder, *,
               process_index: int | None = None, process_count: int | None = None) -> pipeline.Dataset:
     """The per-process pipeline of config.data (a sources.py spec, or a prefix that a module of
     config.imports registered).
@@ -177,7 +178,7 @@ def _mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
     return make_mesh({"data": int(m.data), "fsdp": int(m.fsdp), "tensor": int(m.tensor)})
 
 
-def load_decoder_for(config: ml_collections.ConfigDict) -> Decoder:
+def load_decoder_for(config: ml_collections.ConfigDict) -> LoadedDecoder:
     from dediffusion_jax.t2i.folder import load_decoder
 
     path = str(config.decoder.path)
@@ -194,7 +195,7 @@ def load_decoder_for(config: ml_collections.ConfigDict) -> Decoder:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
-                       *, decoder: Decoder | None = None, dataset: Any | None = None) -> dict[str, Any]:
+                       *, decoder: LoadedDecoder | None = None, dataset: Any | None = None) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns a summary dict.
 
     `decoder`: an already loaded decoder (tests); by default config.decoder.path is loaded.
@@ -347,6 +348,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     return summary
 
 
-def _decoder_view_size(config: ml_collections.ConfigDict, decoder: Decoder) -> int:
+def _decoder_view_size(config: ml_collections.ConfigDict, decoder: LoadedDecoder) -> int:
     """data.preprocess.decoder_size, or (0) the decoder's own image size."""
     return int(config.data.preprocess.decoder_size) or decoder.image_size

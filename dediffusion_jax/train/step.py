@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dediffusion_jax.parallel import sharding as sharding_lib
 from dediffusion_jax.parallel.mesh import batch_sharding, replicated
-from dediffusion_jax.train.model import DeDiffusion
+from dediffusion_jax.models.dediffusion import DeDiffusion
 
 log = logging.getLogger(__name__)
 Array = jax.Array

@@ -68,11 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    import jax
-    import numpy as np
-
     from projects.miniworld import captions, evaluator, scenes
-    from dediffusion_jax.train import checkpoint
+    from dediffusion_jax.inference import TextEncoder
     from dediffusion_jax.train.cli import load_config_file
     from dediffusion_jax.train.loop import train_and_evaluate
 
@@ -89,18 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     train_and_evaluate(config, workdir)
 
     _say(f"[2/3] encoding {args.eval_scenes} held-out scenes to De-Diffusion text")
-    config, model, trainable, frozen = checkpoint.load_for_inference(workdir)
     indices = scenes.evaluation_indices(args.eval_scenes)
-    images = scenes.images_of(indices)
-    token_ids = jax.jit(model.token_ids)(trainable, frozen, images)
-    dd_texts = model.texts(np.asarray(token_ids))
+    encoder = TextEncoder.from_checkpoint(workdir, batch_size=len(indices))  # one batch, as before
+    config = encoder.config
+    dd_texts = encoder.texts(scenes.images_of(indices))
 
     _say(f"[3/3] redrawing the scenes from each text ({args.ddim_steps} DDIM steps, guidance "
          f"{args.guidance}) and scoring them")
     dd_source = evaluator.TextsOfScenes(evaluator.DE_DIFFUSION, dict(zip(indices.tolist(), dd_texts)),
                                         key=f"encoder:{workdir}@step{config.total_steps}")
     shutil.rmtree(workdir / "world_eval", ignore_errors=True)  # always a fresh evaluation
-    results = evaluator.evaluate(model.decoder, [dd_source, *evaluator.caption_sources()], indices,
+    results = evaluator.evaluate(encoder.decoder, [dd_source, *evaluator.caption_sources()], indices,
                                  workdir / "world_eval", num_steps=args.ddim_steps,
                                  guidance_scale=args.guidance, progress=True)
     rows = evaluator.rows_of(results)

@@ -39,7 +39,7 @@ import optax
 from projects.miniworld import captions, scenes
 from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.t2i import clip_text, schedules, unet
-from dediffusion_jax.t2i.folder import Decoder, save_decoder
+from dediffusion_jax.t2i.folder import DecoderSpec, LoadedDecoder, save_decoder
 
 TEXT_CONFIG = {
     "hidden_size": 128,
@@ -277,14 +277,14 @@ class Trainer:
                                      "script's TEXT_CONFIG / UNET_CONFIG")
         return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), loaded)
 
-    def decoder(self, params: Any) -> Decoder:
-        """The decoder with `params`; one object for the run, so sampling compiles once."""
-        if not hasattr(self, "_decoder"):
-            self._decoder = Decoder(
-                None, self.text_config, self.unet_config, None, self.schedule, self.tokenizer, {}
-            )
-        self._decoder.params = {"text_encoder": params["text_encoder"], "unet": params["unet"]}
-        return self._decoder
+    def decoder(self, params: Any) -> LoadedDecoder:
+        """The decoder with `params`: a new pair around the run's one static spec, so sampling
+        compiles once."""
+        if not hasattr(self, "_decoder_spec"):
+            self._decoder_spec = DecoderSpec(
+                None, self.text_config, self.unet_config, None, self.schedule, self.tokenizer)
+        return LoadedDecoder(self._decoder_spec,
+                             {"text_encoder": params["text_encoder"], "unet": params["unet"]})
 
 
 def _checkpoint_manager(workdir: Path):

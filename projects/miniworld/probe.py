@@ -24,7 +24,7 @@ import numpy as np
 
 from projects.miniworld import captions, scenes
 from dediffusion_jax.t2i import pipeline, schedules
-from dediffusion_jax.t2i.folder import Decoder, load_decoder
+from dediffusion_jax.t2i.folder import LoadedDecoder, load_decoder
 
 TextsFn = Callable[[scenes.Scene], str]
 DEFAULT_DECODER = Path(__file__).resolve().parent / "assets" / "decoder"
@@ -65,7 +65,7 @@ PROBE_TEXTS: dict[str, TextsFn] = {
 }
 
 
-def probe(decoder: Decoder, indices: Sequence[int], texts: dict[str, TextsFn] | None = None,
+def probe(decoder: LoadedDecoder, indices: Sequence[int], texts: dict[str, TextsFn] | None = None,
           draws: int = 8, seed: int = 0, timestep: int | None = None) -> dict[str, float]:
     """Mean denoising loss per text kind over `draws` (t, noise) samples of the scenes `indices`.
 
@@ -120,7 +120,7 @@ CONTRAST_CAPTION = "red circle top left , white background"
 CONTRAST_PAIRS = (("left", "right"), ("top", "bottom"), ("red", "blue"), ("circle", "square"))
 
 
-def state_contrast(decoder: Decoder, caption: str, a: str, b: str) -> np.ndarray:
+def state_contrast(decoder: LoadedDecoder, caption: str, a: str, b: str) -> np.ndarray:
     """Per position, how far the text encoder's output moves when word `a` of `caption` becomes `b`
     (L2 distance / mean state norm): a word whose own position barely moves is one the UNet cannot read.
     """
@@ -142,7 +142,7 @@ def _context_words(scene: scenes.Scene, num_tokens: int) -> list[str]:
     return [words[k % len(words)] for k in range(num_tokens)]
 
 
-def straight_through_ranks(decoder: Decoder, indices: Sequence[int], num_tokens: int = 12, draws: int = 8,
+def straight_through_ranks(decoder: LoadedDecoder, indices: Sequence[int], num_tokens: int = 12, draws: int = 8,
                            seed: int = 0, context: str = "random",
                            timesteps: tuple[int, int] | None = None,
                            per_word: bool = False) -> dict[str, float]:
@@ -228,13 +228,14 @@ def slot_word_mass(workdir: str | Path, indices: Sequence[int]) -> dict[str, flo
     never be the argmax (docs/miniworld.md, "Why shape words stay out of the argmax text").
     Also returns "shape, best slot": the mass on the scene's shapes in the slot that has the most.
     """
-    from dediffusion_jax.train import checkpoint
+    from dediffusion_jax.inference import TextEncoder
 
-    _, model, trainable, frozen = checkpoint.load_for_inference(Path(workdir))
-    logits = np.asarray(jax.jit(model.logits)(trainable, frozen, scenes.images_of(np.asarray(indices))))
+    enc = TextEncoder.from_checkpoint(Path(workdir))
+    logits = np.asarray(jax.jit(enc.model.logits)(enc.trainable, enc.frozen,
+                                                  scenes.images_of(np.asarray(indices))))
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)  # [B, N, V]; excluded words have -inf logits -> 0
-    tok = model.decoder.tokenizer
+    tok = enc.decoder.tokenizer
 
     def ids(words: Sequence[str]) -> list[int]:
         return [int(tok.convert_tokens_to_ids(f"{w}</w>")) for w in words]
@@ -252,14 +253,13 @@ def slot_word_mass(workdir: str | Path, indices: Sequence[int]) -> dict[str, flo
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
-def de_diffusion_texts(workdir: str | Path, indices: Sequence[int]) -> tuple[Decoder, dict[scenes.Scene, str]]:
+def de_diffusion_texts(workdir: str | Path, indices: Sequence[int]) -> tuple[LoadedDecoder, dict[scenes.Scene, str]]:
     """A trained De-Diffusion run's decoder and its texts (argmax tokens) for the scenes `indices`."""
-    from dediffusion_jax.train import checkpoint
+    from dediffusion_jax.inference import TextEncoder
 
-    _, model, trainable, frozen = checkpoint.load_for_inference(Path(workdir))
-    token_ids = jax.jit(model.token_ids)(trainable, frozen, scenes.images_of(np.asarray(indices)))
-    texts = model.texts(np.asarray(token_ids))
-    return model.decoder, dict(zip((scenes.scene_from_index(int(i)) for i in indices), texts))
+    enc = TextEncoder.from_checkpoint(Path(workdir), batch_size=len(indices))
+    texts = enc.texts(scenes.images_of(np.asarray(indices)))
+    return enc.decoder, dict(zip((scenes.scene_from_index(int(i)) for i in indices), texts))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,133 @@
+"""Config -> the De-Diffusion model: backbone, encoder, `DeDiffusion` (what training AND inference
+build; the optimizer and the temperature schedule are training-only and live in `train/`).
+
+The config fields read here (see configs/*.py for full experiment files):
+  backbone.variant       'B/16' style name (Ti/S/B/L/H + patch), used when backbone.init is empty
+  backbone.image_size    input resolution of the backbone view
+  backbone.init          '' (random init) or a local CLIP vision folder/safetensors (transformers
+                         CLIPVisionModel layout); position embeddings are resized to image_size
+  backbone.frozen        True: stop-gradient at its output and keep it out of the optimizer
+  encoder.{num_queries, pooler_blocks, pooler_width, pooler_heads, mlp_ratio}
+  vocab.exclude_punctuation, vocab.exclude_tokens (list of strings or ids), vocab.only_tokens
+  quantizer.hard         straight-through Gumbel (exact one-hot forward) or soft relaxation
+  quantizer.token_path   'fused' (memory-lean) or 'soft' (reference)
+  loss.timestep_range    [lo, hi) fractions of the decoder's timesteps the loss samples
+  loss.timestep_range_final, loss.timestep_ramp_fraction   optional curriculum: the window slides
+                         linearly to timestep_range_final over that fraction of total_steps
+  loss.reduction         'mean' (the decoder's loss) or 'log_mean' (mean log MSE per example)
+  dtype, remat
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dediffusion_jax.models import quantizer, vit
+from dediffusion_jax.models.dediffusion import DeDiffusion
+from dediffusion_jax.models.encoder import DeDiffusionEncoder, EncoderConfig
+from dediffusion_jax.t2i.folder import DecoderSpec
+
+
+def build_backbone(config: ml_collections.ConfigDict,
+                   vit_config: vit.ViTConfig | None = None) -> tuple[vit.ViT, Any | None]:
+    """The ViT module and its pretrained params (None for random init, or when `vit_config` is
+    given: then the module has that shape and no weights are read, as for an exported encoder)."""
+    b = config.backbone
+    pretrained = None
+    if vit_config is None and b.get("init"):
+        vit_config, pretrained = vit.load_clip_vision(b.init, image_size=int(b.image_size))
+    elif vit_config is None:
+        vit_config = vit.ViTConfig.named(b.variant, image_size=int(b.image_size))
+        overrides = b.get("overrides", None)
+        # Unset overrides are 0/None/'' (config files cannot override None fields from the command
+        # line).
+        overrides = {k: v for k, v in dict(overrides or {}).items() if v not in (None, 0, "")}
+        if overrides:
+            vit_config = dataclasses.replace(vit_config, **overrides)
+    dtype = jnp.dtype(config.get("dtype", "float32"))
+    return vit.ViT(vit_config, dtype=dtype, remat=bool(config.get("remat", False))), pretrained
+
+
+def build_model(
+    config: ml_collections.ConfigDict, decoder: DecoderSpec, *,
+    vit_config: vit.ViTConfig | None = None,
+) -> tuple[DeDiffusion, Any, Any | None]:
+    """(model, `init_params(rng) -> encoder params` (random), pretrained backbone params or None).
+
+    `decoder` is the frozen decoder's static spec (its weights are the caller's `frozen["decoder"]`).
+    The pretrained backbone is returned separately (not closed over by `init_params`) so that jitted
+    initialisation never embeds hundreds of MB of weights as constants. `vit_config`: build the
+    backbone with this shape instead of reading `backbone.init` (the weights come from elsewhere).
+    """
+    backbone, pretrained = build_backbone(config, vit_config)
+    mask = quantizer.vocabulary_exclusion_mask(
+        decoder.tokenizer,
+        exclude_punctuation=bool(config.vocab.exclude_punctuation),
+        extra_excluded_tokens=tuple(config.vocab.get("exclude_tokens", ()) or ()),
+        only_tokens=tuple(config.vocab.get("only_tokens", ()) or ()),
+    )
+    e = config.encoder
+    enc_config = EncoderConfig(
+        vocab_size=decoder.text_config.vocab_size,
+        num_queries=int(e.num_queries),
+        pooler_blocks=int(e.pooler_blocks),
+        pooler_width=int(e.pooler_width),
+        pooler_heads=int(e.pooler_heads),
+        mlp_ratio=int(e.get("mlp_ratio", 4)),
+        excluded_ids=quantizer.excluded_ids(mask),
+        freeze_backbone=bool(config.backbone.frozen),
+        remat=bool(config.get("remat", False)),
+    )
+    encoder = DeDiffusionEncoder(backbone, enc_config, dtype=jnp.dtype(config.get("dtype", "float32")))
+    q = config.quantizer
+    model = DeDiffusion(
+        encoder,
+        decoder,
+        hard=bool(q.hard),
+        token_path=str(q.token_path),
+        rows_per_chunk=int(q.get("rows_per_chunk", 16)),
+        diversity_weight=float(q.get("diversity_weight", 0.0)),
+        **loss_fields(config),
+    )
+    size = int(config.backbone.image_size)
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+
+    def init_params(rng: jax.Array) -> Any:
+        return encoder.init(rng, dummy)["params"]
+
+    return model, init_params, pretrained
+
+
+def loss_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """DeDiffusion's loss fields from config.loss: timestep_range, reduction, and the optional
+    curriculum timestep_range_final (None/empty = off) reached after timestep_ramp_fraction of
+    total_steps."""
+    loss = config.get("loss", {})
+    fields: dict[str, Any] = dict(
+        timestep_range=tuple(float(x) for x in loss.get("timestep_range", (0.0, 1.0))),
+        reduction=str(loss.get("reduction", "mean")))
+    final = loss.get("timestep_range_final", None)
+    if final:
+        fraction = float(loss.get("timestep_ramp_fraction", 1.0))
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"loss.timestep_ramp_fraction={fraction} must be in (0, 1]")
+        fields["timestep_range_final"] = tuple(float(x) for x in final)
+        fields["timestep_ramp_steps"] = max(1, int(round(fraction * int(config.total_steps))))
+    return fields
+
+
+def frozen_backbone(config: ml_collections.ConfigDict, init_params: Any,
+                    pretrained: Any | None) -> dict[str, Any]:
+    """{"backbone": params} when config.backbone.frozen, else {}: the pretrained backbone, or (the
+    random frozen-backbone ablation) the init's backbone from key(config.seed), as training made it."""
+    if not bool(config.backbone.frozen):
+        return {}
+    if pretrained is not None:
+        return {"backbone": pretrained}
+    key = jax.random.key(int(config.seed))
+    return {"backbone": jax.jit(lambda k: init_params(k)["backbone"])(key)}
