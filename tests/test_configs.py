@@ -10,9 +10,9 @@ import pytest
 
 from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax import config as config_lib
-from dediffusion_jax.t2i import tiny
 from dediffusion_jax.train import cli, loop
 from dediffusion_jax.train import optimizer as opt_lib
+from helpers import tiny_decoder as tiny
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = f"{REPO}/configs/paper.py"

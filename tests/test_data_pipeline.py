@@ -11,7 +11,7 @@ from PIL import Image
 from dediffusion_jax.data.pipeline import make_dataset
 from dediffusion_jax.data.preprocess import PreprocessConfig, Preprocessor, split_captions
 from dediffusion_jax.data.sources import ImageFolderSource, TfdsSource
-from dediffusion_jax.data.testing_builders import NUM_EXAMPLES, build_tiny_captioned_images
+from helpers.testing_builders import NUM_EXAMPLES, build_tiny_captioned_images
 
 SMALL = Preprocessor(PreprocessConfig(backbone_size=8, decoder_size=6))
 NUM_GOOD = 14

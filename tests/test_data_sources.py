@@ -8,7 +8,7 @@ from PIL import Image
 
 from dediffusion_jax.data.sources import (ArrayRecordSource, ImageFolderSource, TfdsSource,
                                           source_from_spec, write_array_record)
-from dediffusion_jax.data.testing_builders import NUM_EXAMPLES, build_tiny_captioned_images
+from helpers.testing_builders import NUM_EXAMPLES, build_tiny_captioned_images
 
 
 def png(value: int, size=(6, 5)) -> bytes:

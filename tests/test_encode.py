@@ -15,8 +15,9 @@ from dediffusion_jax import encode
 from dediffusion_jax.inference import TextEncoder
 from dediffusion_jax.models import build
 from dediffusion_jax.parallel.mesh import make_mesh
-from dediffusion_jax.t2i import folder, tiny
+from dediffusion_jax.t2i import folder
 from projects.miniworld import tokenizer as world_tokenizer
+from helpers import tiny_decoder as tiny
 from test_train_loop import tiny_config as world_tiny_config
 from test_train_loop import write_decoder
 

@@ -15,7 +15,8 @@ from dediffusion_jax.evaluation import reconstruction as rc
 from dediffusion_jax.evaluation import report
 from dediffusion_jax.evaluation import text_sources as ts
 from projects.miniworld import tokenizer as world_tokenizer
-from dediffusion_jax.t2i import folder, tiny
+from dediffusion_jax.t2i import folder
+from helpers import tiny_decoder as tiny
 from test_encode import tiny_encoder
 
 RES = 16
@@ -255,7 +256,7 @@ def random_inception_safetensors(path) -> str:
 @pytest.mark.slow  # 3-10 min on 2 busy cores: InceptionV3 at 299px on CPU, two CLI runs
 def test_cli_on_a_tiny_tfds_dataset_with_random_inception_weights(tmp_path, decoder_dir):
     """The standard path: tfds captions -> decoder -> InceptionV3 (here random) FID."""
-    from dediffusion_jax.data import testing_builders
+    from helpers import testing_builders
 
     testing_builders.build_tiny_captioned_images(tmp_path / "tfds")
     weights = random_inception_safetensors(tmp_path / "inception.safetensors")

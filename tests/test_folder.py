@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from projects.miniworld.tokenizer import DEFAULT_DIR as TOKENIZER_DIR
-from dediffusion_jax.t2i import clip_text, convert, folder, tiny
+from dediffusion_jax.t2i import clip_text, convert, folder
 from dediffusion_jax.t2i.folder import DecoderFolderError, load_decoder, save_decoder
+from helpers import tiny_decoder as tiny
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

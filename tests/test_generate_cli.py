@@ -11,8 +11,9 @@ from PIL import Image
 from dediffusion_jax import generate
 from projects.miniworld.tokenizer import DEFAULT_DIR as TOKENIZER_DIR
 from dediffusion_jax.parallel.mesh import make_mesh
-from dediffusion_jax.t2i import pipeline, tiny
+from dediffusion_jax.t2i import pipeline
 from dediffusion_jax.t2i.folder import load_decoder, save_decoder
+from helpers import tiny_decoder as tiny
 
 PROMPTS = ["a red circle", "two blue squares"]
 

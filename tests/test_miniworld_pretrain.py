@@ -10,7 +10,8 @@ import pytest
 import safetensors.numpy
 
 from projects.miniworld import pretrain_decoder, tokenizer as world_tokenizer
-from dediffusion_jax.t2i import folder, tiny
+from dediffusion_jax.t2i import folder
+from helpers import tiny_decoder as tiny
 
 
 def test_the_batch_of_a_step_is_a_pure_function_of_seed_and_step():

@@ -16,8 +16,9 @@ import pytest
 
 from projects.miniworld.tokenizer import DEFAULT_DIR as TOKENIZER_DIR
 from dediffusion_jax.parallel.mesh import make_mesh
-from dediffusion_jax.t2i import pipeline, tiny
+from dediffusion_jax.t2i import pipeline
 from dediffusion_jax.t2i.folder import load_decoder
+from helpers import tiny_decoder as tiny
 
 PROMPTS = ["a red circle", "two blue squares on the left"]
 STEPS = 4

@@ -21,9 +21,10 @@ import pytest
 
 from projects.miniworld import scenes
 from projects.miniworld import tokenizer as world_tokenizer
-from dediffusion_jax.t2i import folder, tiny
+from dediffusion_jax.t2i import folder
 from dediffusion_jax.train import checkpoint as ckpt_lib, cli
 from dediffusion_jax.train import loop
+from helpers import tiny_decoder as tiny
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 24

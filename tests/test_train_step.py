@@ -18,9 +18,10 @@ from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.models import quantizer
 from dediffusion_jax.parallel import sharding as sharding_lib
 from dediffusion_jax.parallel.mesh import make_mesh
-from dediffusion_jax.t2i import clip_text, tiny
+from dediffusion_jax.t2i import clip_text
 from dediffusion_jax.models import build
 from dediffusion_jax.train import builders, step as step_lib
+from helpers import tiny_decoder as tiny
 
 BATCH = 8
 IMAGE = 16

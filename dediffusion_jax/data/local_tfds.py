@@ -1,5 +1,6 @@
-"""What this project's own tfds builders share (data/testing_builders.py, miniworld/tfds_builder.py):
-datasets generated locally, never downloaded, written in array_record format for random access.
+"""What this project's own tfds builders share (projects/miniworld/tfds_builder.py, and the tests'
+tests/helpers/testing_builders.py): datasets generated locally, never downloaded, written in
+array_record format for random access.
 """
 
 from __future__ import annotations

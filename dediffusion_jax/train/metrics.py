@@ -1,7 +1,7 @@
 """Run metrics: metrics.jsonl + TensorBoard (tensorboardX), progress lines, sample texts.
 
 Why tensorboardX and not clu.metric_writers: clu's writers import TensorFlow, which this project does
-not install (ENVIRONMENT.md); tensorboardX writes the same event files with no TF. Only process 0
+not install (requirements.txt); tensorboardX writes the same event files with no TF. Only process 0
 writes; every process computes the same (replicated) metrics.
 """
 

@@ -20,7 +20,7 @@ BACKGROUND_WORD = "background"
 # Every word a caption can contain; the tokenizer makes each one a single token.
 WORLD_WORDS = (*COLOURS, *SHAPES, *ROWS, *COLS, *BACKGROUNDS, BACKGROUND_WORD)
 
-# Decoder pre-training mix (MINIWORLD-CALIBRATION.md, section 2).
+# Decoder pre-training mix (docs/miniworld.md, "The decoder").
 P_EMPTY, P_FULL, P_SHUFFLED, P_PARTIAL = 0.10, 0.60, 0.10, 0.20
 P_KEEP_OBJECT, P_DROP_POSITION, P_KEEP_BACKGROUND = 0.6, 0.3, 0.5
 

@@ -1,6 +1,6 @@
 """Scoring images against their source scenes with the world's attribute classifier.
 
-Definitions follow MINIWORLD-CALIBRATION.md: occupancy per cell (all four cells of every scene; an
+Definitions (docs/miniworld.md): occupancy per cell (all four cells of every scene; an
 all-empty guess scores ~0.62); colour and shape on truly occupied cells only; background per image;
 object = an object's cell predicted occupied with the right colour and shape; exact scene = everything
 in the image right (background, all four cells' occupancy, every object's colour and shape).
