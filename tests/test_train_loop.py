@@ -66,10 +66,32 @@ def losses_of(workdir: Path) -> dict[int, float]:
     return out
 
 
+class TextsEvaluator:
+    """A test evaluator: the texts the encoder being trained gives two held-out scenes."""
+
+    def __init__(self, name, every_steps, run_config):
+        self.name, self.every_steps = name, every_steps
+
+    def run(self, view):
+        from dediffusion_jax.evaluation.evaluators import EvalResult
+
+        images = scenes.images_of(scenes.split_indices("heldout")[:2])
+        texts = view.texts(images)
+        assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+        return EvalResult(scalars={"num_tokens": float(view.token_ids(images).shape[1])},
+                          images={"scene": (images[0] + 1) / 2})
+
+
 @pytest.fixture(scope="module")
 def reference(decoder_dir, tmp_path_factory):
+    from dediffusion_jax.evaluation import evaluators
+
+    evaluators.register_evaluator("test.texts", TextsEvaluator)
     workdir = tmp_path_factory.mktemp("reference")
-    summary = loop.train_and_evaluate(tiny_config(decoder_dir), workdir)
+    config = tiny_config(decoder_dir)
+    with config.unlocked():
+        config.evals = {"texts": {"type": "test.texts", "every_steps": 12}}
+    summary = loop.train_and_evaluate(config, workdir)
     return workdir, summary
 
 
@@ -79,7 +101,7 @@ def test_a_run_trains_and_writes_metrics_samples_and_checkpoints(reference):
     losses = losses_of(workdir)
     assert sorted(losses) == list(range(1, TOTAL + 1))
     assert all(np.isfinite(v) for v in losses.values())
-    last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    last = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
     for key in ("temperature", "learning_rate", "grad_norm", "param_norm", "token_entropy",
                 "distinct_tokens", "images_per_s", "images_per_s_per_device", "step_time_s",
                 "tflops_per_s"):
@@ -90,6 +112,10 @@ def test_a_run_trains_and_writes_metrics_samples_and_checkpoints(reference):
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [20, 24]  # keep 2
     assert {"state", "data", "config", "decoder"} <= {p.name for p in (workdir / "checkpoints/24").iterdir()}
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    # The config's evaluator ran inside training with the encoder's view (every 12 steps and the last).
+    evals = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["eval/texts/num_tokens"]) for r in evals if "eval/texts/num_tokens" in r] == [
+        (12, 6.0), (24, 6.0)]
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == TOTAL
 
 

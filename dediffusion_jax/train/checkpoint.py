@@ -1,6 +1,8 @@
-"""Checkpoints of a De-Diffusion run (orbax): train state, data iterator, config, decoder identity.
+"""Checkpoints of a training run (orbax): train state, data iterator, and the task's JSON items.
 
-Layout: WORKDIR/checkpoints/STEP/{state, data, config, decoder}
+The trainer spine (train/trainer.py) saves WORKDIR/checkpoints/STEP/{state, data, *JSON items}; the
+JSON items come from the task (`save_items`). De-Diffusion's layout is
+WORKDIR/checkpoints/STEP/{state, data, config, decoder}:
 - state:   the TrainState (trainable encoder params + optimizer state + step), sharded arrays;
 - data:    the grain iterator state, one JSON file per process (each process reads its own shard);
 - config:  the run's config as JSON (what `inference.TextEncoder` rebuilds the model from);
@@ -41,10 +43,11 @@ def checkpoint_dir(workdir: str | Path) -> Path:
     return Path(workdir).expanduser().resolve() / "checkpoints"
 
 
-def make_manager(workdir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(workdir: str | Path, keep: int = 3, async_save: bool = True,
+                 item_names: tuple[str, ...] = ITEMS) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         checkpoint_dir(workdir),
-        item_names=ITEMS,
+        item_names=tuple(item_names),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=int(keep), create=True, enable_async_checkpointing=bool(async_save)),
     )
@@ -52,15 +55,25 @@ def make_manager(workdir: str | Path, keep: int = 3, async_save: bool = True) ->
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
          config: ml_collections.ConfigDict, decoder_info: dict[str, str]) -> None:
-    """Starts an (async) save of everything a resume needs. Call `manager.wait_until_finished()`
-    before reading it or exiting."""
+    """Starts an (async) save of a De-Diffusion run: state, data, config, decoder identity."""
+    save_items(manager, step, state, data_iterator, de_diffusion_items(config, decoder_info))
+
+
+def de_diffusion_items(config: ml_collections.ConfigDict, decoder_info: dict[str, str]) -> dict[str, dict]:
+    """The JSON items of a De-Diffusion checkpoint: the run's config and its decoder's identity."""
+    return {"config": json.loads(config.to_json()), "decoder": dict(decoder_info)}
+
+
+def save_items(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+               json_items: dict[str, dict]) -> None:
+    """Starts an (async) save of everything a resume needs: the state, the data iterator's position
+    (one file per process) and `json_items` ({item name: JSON-able dict}). Call
+    `manager.wait_until_finished()` before reading it or exiting."""
     import grain
 
-    args = dict(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(json.loads(config.to_json())),
-        decoder=ocp.args.JsonSave(dict(decoder_info)),
-    )
+    args = dict(state=ocp.args.StandardSave(state))
+    for name, value in json_items.items():
+        args[name] = ocp.args.JsonSave(value)
     if data_iterator is not None:
         args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     manager.save(int(step), args=ocp.args.Composite(**args), force=True)
@@ -70,6 +83,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
 def decoder_info(decoder: Any) -> dict[str, str]:
     """{"path", "identity"} of a `t2i.folder.LoadedDecoder` (identity = its weights hash)."""
     return {"path": str(decoder.path) if decoder.path else "", "identity": decoder.identity}
+
+
+def read_json(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
+    """A JSON item of checkpoint `step`; CheckpointError naming the item when it cannot be read."""
+    return _restore_json(manager, step, item)
 
 
 def _restore_json(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
@@ -84,10 +102,14 @@ def _restore_json(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
 
 def check_decoder(manager: ocp.CheckpointManager, step: int, current: dict[str, str]) -> None:
     """Raises DecoderMismatchError when the checkpoint's decoder is not `current`."""
-    saved = _restore_json(manager, step, "decoder")
+    check_decoder_item(_restore_json(manager, step, "decoder"), current, step, manager.directory)
+
+
+def check_decoder_item(saved: dict, current: dict[str, str], step: int, directory: Any) -> None:
+    """Raises DecoderMismatchError when a checkpoint's saved decoder item is not `current`."""
     if saved.get("identity") != current["identity"]:
         raise DecoderMismatchError(
-            f"the checkpoint at step {step} in {manager.directory} was trained against the decoder "
+            f"the checkpoint at step {step} in {directory} was trained against the decoder "
             f"{saved.get('path')!r} (weights hash {saved.get('identity')}), but this run loaded "
             f"{current['path']!r} (weights hash {current['identity']}). An encoder only makes sense "
             f"with its own decoder: point decoder.path at the original folder, or use a new workdir.")

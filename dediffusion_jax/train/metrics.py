@@ -60,6 +60,17 @@ class MetricWriter:
             self._tb.add_text("samples", "\n\n".join(f"`{i}`: {t}" for i, t in zip(ids, texts)),
                               int(step))
 
+    def write_images(self, step: int, images: dict[str, Any]) -> None:
+        """TensorBoard images, one tag per key: [H, W, 3] uint8, or float in [0, 1]."""
+        if not self.enabled or self._tb is None:
+            return
+        for key, image in images.items():
+            image = np.asarray(image)
+            if image.dtype != np.uint8:
+                image = np.clip(image.astype(np.float32), 0.0, 1.0)
+            self._tb.add_image(key, image, int(step), dataformats="HWC")
+        self._tb.flush()
+
     def close(self) -> None:
         for f in (self._jsonl, self._samples):
             if f is not None:
@@ -94,7 +105,8 @@ class StepTimer:
 
 
 class Progress:
-    """A console line every `every` steps: step, loss, steps/s (over the window) and ETA."""
+    """A console line every `every` steps: step, loss (+ temperature, lr, distinct tokens when the
+    step reports them), steps/s (over the window), images/s, step time and ETA."""
 
     def __init__(self, total_steps: int, every: int, start_step: int):
         self.total, self.every = total_steps, max(int(every), 1)
@@ -107,10 +119,19 @@ class Progress:
         rate = (step - self._s) / max(now - self._t, 1e-9)
         self._t, self._s = now, step
         eta = (self.total - step) / rate if rate > 0 else float("inf")
-        line = (f"step {step}/{self.total} loss {scalars['loss']:.4f} "
-                f"T {scalars['temperature']:.3f} lr {scalars['learning_rate']:.2e} "
-                f"tokens {int(scalars['distinct_tokens'])} {rate:.2f} steps/s "
-                f"{scalars.get('images_per_s', 0):.0f} img/s ETA {format_seconds(eta)}")
+        parts = [f"step {step}/{self.total}"]
+        if "loss" in scalars:
+            parts.append(f"loss {scalars['loss']:.4f}")
+        if "temperature" in scalars:
+            parts.append(f"T {scalars['temperature']:.3f}")
+        if "learning_rate" in scalars:
+            parts.append(f"lr {scalars['learning_rate']:.2e}")
+        if "distinct_tokens" in scalars:
+            parts.append(f"tokens {int(scalars['distinct_tokens'])}")
+        parts.append(f"{rate:.2f} steps/s {scalars.get('images_per_s', 0):.0f} img/s")
+        if "step_time_s" in scalars:
+            parts.append(f"step {scalars['step_time_s'] * 1e3:.0f} ms")
+        line = " ".join(parts) + f" ETA {format_seconds(eta)}"
         log.info(line)
         return line
 
