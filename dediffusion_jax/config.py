@@ -57,8 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(timestep_range=(0.0, 1.0), timestep_range_final=(),
                                             timestep_ramp_fraction=1.0, reduction="mean"))
 
-    # optimizer.*, lr.*, total_steps: the paper's values; dediffusion_jax/train/optimizer.py reads them
-    # (its default_config() holds the same numbers; tests/test_configs.py checks that they agree).
+    # optimizer.*, lr.*, total_steps: the paper's values; dediffusion_jax/train/optimizer.py reads them.
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adafactor", b1=0.9, b2=0.999,
         eps=1e-30,                        # adafactor: added to g^2; adamw: use 1e-8

@@ -11,7 +11,6 @@ import pytest
 from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax import config as config_lib
 from dediffusion_jax.train import cli, loop
-from dediffusion_jax.train import optimizer as opt_lib
 from helpers import tiny_decoder as tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,16 +134,6 @@ def test_every_config_field_has_a_one_line_meaning():
     assert all(doc and "\n" not in doc for doc in config_lib.FIELD_DOCS.values())
     tuples = {k for k, v in fields.items() if isinstance(v, (tuple, list))}
     assert set(config_lib.TUPLE_ITEM_TYPES) == tuples
-
-
-def test_schema_optimizer_defaults_match_the_optimizer_module():
-    # config.py holds the paper's optimizer values without importing jax/optax; they must not drift.
-    schema, module = config_lib.base_config(), opt_lib.default_config()
-    assert schema.lr.to_dict() == module.lr.to_dict() and schema.total_steps == module.total_steps
-    for key, value in module.optimizer.items():
-        if key not in ("eps", "wd_include"):
-            assert schema.optimizer[key] == value, key
-    assert tuple(schema.optimizer.wd_include) == tuple(module.optimizer.wd_include)
 
 
 def test_configs_are_locked():

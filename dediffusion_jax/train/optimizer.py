@@ -1,6 +1,6 @@
 """Optimizer and learning-rate schedule for the trainable encoder, from an ml_collections config.
 
-Config fields (defaults in `default_config()`; the paper's values):
+Config fields (defaults in the config schema, `dediffusion_jax/config.py`; the paper's values):
   optimizer.name            'adafactor' (paper) | 'adamw'
   optimizer.b1              0.9    first-moment (momentum) decay
   optimizer.b2              0.999  second-moment decay (Adafactor: its cap, see below)
@@ -45,22 +45,19 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dediffusion_jax.config import base_config
 from dediffusion_jax.parallel.sharding import path_str
 
-DEFAULT_WD_INCLUDE: tuple[str, ...] = (r"(.*/)?kernel",)
+DEFAULT_WD_INCLUDE: tuple[str, ...] = tuple(base_config().optimizer.wd_include)
+
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The paper's optimizer and schedule; experiment configs override fields."""
-    c = ml_collections.ConfigDict()
-    c.optimizer = ml_collections.ConfigDict(dict(
-        name="adafactor", b1=0.9, b2=0.999, eps=None, weight_decay=0.01,
-        wd_include=list(DEFAULT_WD_INCLUDE), grad_clip_norm=1.0, adafactor_decay_rate=0.8,
-        adafactor_min_dim_to_factor=32, momentum_dtype="float32"))
-    c.lr = ml_collections.ConfigDict(dict(
-        schedule="warmup_cosine", peak=3e-4, end=3e-6, warmup_steps=10_000))
-    c.total_steps = 500_000
-    return c
+    """The paper's optimizer and schedule (the `optimizer`, `lr` and `total_steps` fields of the config
+    schema, `dediffusion_jax.config`, where the defaults live); experiment configs override fields."""
+    base = base_config()
+    return ml_collections.ConfigDict({"optimizer": base.optimizer, "lr": base.lr,
+                                      "total_steps": base.total_steps})
 
 
 def _get(cfg: Any, name: str, default: Any) -> Any:
