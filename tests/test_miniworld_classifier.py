@@ -1,5 +1,7 @@
 """The committed attribute classifier and the metrics built on it."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -82,3 +84,24 @@ def test_save_load_round_trip(tmp_path, committed):
     assert c2 == config
     x = S.images_of(np.arange(8))
     np.testing.assert_array_equal(C.features(params, x, config), C.features(p2, x, config))
+
+
+def test_training_on_the_spine_stops_resumes_exactly_and_exports(tmp_path):
+    """A run stopped at step 2 and resumed exports the same weights as an uninterrupted run."""
+    from dediffusion_jax import weights
+
+    common = ["--steps", "4", "--batch", "8"]
+    C.main(common + ["--out", str(tmp_path / "ref"), "--workdir", str(tmp_path / "ref_run")])
+    C.main(common + ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "run"), "--stop-after-steps", "2"])
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["2"]
+    C.main(common + ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "run")])
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["2", "4"]
+    ref, got = (weights.read_file(tmp_path / d / "model.safetensors") for d in ("ref", "out"))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
+    params, config = C.load_classifier(tmp_path / "out")
+    assert config == C.ClassifierConfig()
+    losses = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [4]  # every 100 steps and the last

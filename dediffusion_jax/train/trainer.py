@@ -165,6 +165,27 @@ def step_of(state: Any) -> Any:
     return state["step"] if isinstance(state, dict) else state.step
 
 
+def example_of(batch: Any) -> Any:
+    """ShapeDtypeStructs of a (global) host batch: the example a Task compiles its step for."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
+
+
+def adam(peak: float, end: float, warmup: int, total: int, *, weight_decay: float = 0.0,
+         clip: float = 1.0) -> Any:
+    """The core optimizer (train/optimizer.py) as a small program wants it: clip(global norm) ->
+    Adam (+ decoupled weight decay on kernels) -> warmup-cosine learning rate (0 -> peak -> end)."""
+    import ml_collections
+
+    from dediffusion_jax.train import optimizer as optimizer_lib
+
+    return optimizer_lib.make_optimizer(ml_collections.ConfigDict({
+        "optimizer": {"name": "adamw", "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+                      "weight_decay": float(weight_decay), "grad_clip_norm": float(clip)},
+        "lr": {"schedule": "warmup_cosine", "peak": float(peak), "end": float(end),
+               "warmup_steps": int(warmup)},
+        "total_steps": max(int(total), int(warmup) + 1)}))
+
+
 def single_device_mesh() -> Mesh:
     """A 1-device mesh: the world programs' default (small models, batch sizes of any value)."""
     return make_mesh({"data": 1}, devices=jax.devices()[:1])

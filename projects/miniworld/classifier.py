@@ -148,6 +148,42 @@ def loss_fn(logits: dict[str, jax.Array], labels: dict[str, jax.Array]) -> tuple
     return sum(terms.values()), terms
 
 
+def classifier_task(steps: int, batch: int, seed: int, lr: float,
+                    config: ClassifierConfig = ClassifierConfig()) -> "trainer.Task":
+    """The classifier as a task of the core's trainer spine: its state, loss and step-indexed data."""
+    from dediffusion_jax.train import trainer
+    model = AttributeClassifier(config)
+    tx = trainer.adam(lr, lr * 0.05, min(100, steps // 10), steps)
+
+    def batch_for_step(step: int) -> dict[str, np.ndarray]:
+        """TRAIN-split scenes only (held-out scenes never seen); a pure function of (seed, step)."""
+        idx = S.sample_indices(np.random.default_rng([seed, step]), batch, "train")
+        return {"images": S.images_of(idx), **S.labels_of(idx)}
+
+    def init(key: jax.Array, inputs: Any) -> dict:
+        params = model.init(key, jnp.zeros((1, S.IMAGE_SIZE, S.IMAGE_SIZE, 3), jnp.float32))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    def step_fn(state: dict, frozen: Any, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
+        key = jax.random.fold_in(rng, state["step"])
+        labels = {k: v for k, v in batch.items() if k != "images"}
+
+        def f(p):
+            _, logits = model.apply({"params": p}, augment(key, batch["images"]))
+            return loss_fn(logits, labels)
+
+        (loss, terms), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return ({"step": state["step"] + 1, "params": params, "opt_state": opt_state},
+                {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)})
+
+    args = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "config": config.to_dict()}
+    return trainer.Task(init=init, step_fn=step_fn, data=trainer.StepIndexedIterator(batch_for_step),
+                        example_batch=trainer.example_of(batch_for_step(0)), seed=seed, rng_seed=seed + 1,
+                        checkpoint_json=lambda: {"args": args})
+
+
 def train_classifier(
     steps: int = 800,
     batch: int = 128,
@@ -155,37 +191,26 @@ def train_classifier(
     lr: float = 1e-3,
     config: ClassifierConfig = ClassifierConfig(),
     log_every: int = 100,
-) -> Params:
-    """Train on TRAIN-split scenes only (held-out scenes never seen); prints progress."""
-    params = init_params(config, seed)
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr * 0.05)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
-    opt_state = tx.init(params)
-    model = AttributeClassifier(config)
+    workdir: str | Path | None = None,
+    stop_after_steps: int = 0,
+) -> Params | None:
+    """Train on TRAIN-split scenes only (held-out scenes never seen) on the trainer spine; prints
+    progress. `workdir` keeps checkpoints (a stopped run resumes there exactly); without one the run
+    lives in a temporary folder. Returns the params, or None when the run stopped before `steps`."""
+    import tempfile
 
-    @jax.jit
-    def step(params, opt_state, x, labels, key):
-        def f(p):
-            _, logits = model.apply({"params": p}, augment(key, x))
-            return loss_fn(logits, labels)
+    from dediffusion_jax.train import trainer
 
-        (loss, terms), grads = jax.value_and_grad(f, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, terms
-
-    rng = np.random.default_rng(seed)
-    key = jax.random.PRNGKey(seed + 1)
-    print(f"classifier: {num_params(params):,} params, {steps} steps x {batch}, seed {seed}", flush=True)
-    t0 = time.time()
-    for i in range(1, steps + 1):
-        idx = S.sample_indices(rng, batch, "train")
-        labels = {k: jnp.asarray(v) for k, v in S.labels_of(idx).items()}
-        key, sub = jax.random.split(key)
-        params, opt_state, loss, terms = step(params, opt_state, jnp.asarray(S.images_of(idx)), labels, sub)
-        if i % log_every == 0 or i == steps:
-            t = " ".join(f"{k} {float(v):.3f}" for k, v in terms.items())
-            print(f"step {i:5d}  loss {float(loss):.4f}  ({t})  {time.time() - t0:.0f}s", flush=True)
-    return params
+    with tempfile.TemporaryDirectory() as tmp:
+        task = classifier_task(steps, batch, seed, lr, config)
+        run = trainer.Trainer(task, workdir or tmp, trainer.Settings(
+            total_steps=steps, log_every=log_every, progress_every=log_every, tensorboard=False,
+            stop_after_steps=stop_after_steps))
+        print(f"classifier: {steps} steps x {batch}, seed {seed}", flush=True)
+        summary = run.run()
+        if summary["preempted"]:
+            return None
+        return jax.device_get(run.state["params"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,10 +255,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
+    p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
     a = p.parse_args(argv)
     t0 = time.time()
-    params = train_classifier(a.steps, a.batch, a.seed, a.lr)
+    params = train_classifier(a.steps, a.batch, a.seed, a.lr, workdir=a.workdir, stop_after_steps=a.stop_after_steps)
     wall = time.time() - t0
+    if params is None:
+        print(f"stopped before step {a.steps}; run again with --workdir {a.workdir} to resume", flush=True)
+        return
     acc = metrics.classifier_heldout_accuracy(params, n=512, seed=0)
     print(f"trained in {wall:.0f}s; held-out accuracy (512 real scenes): {json.dumps(acc)}", flush=True)
     extra = {"training": {"steps": a.steps, "batch": a.batch, "seed": a.seed, "lr": a.lr,
