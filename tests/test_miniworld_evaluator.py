@@ -91,3 +91,28 @@ def test_the_evaluator_type_is_registered_and_built_from_config():
         evaluators.build_evaluators(bad)
     with pytest.raises(evaluators.EvaluatorConfigError, match="not a registered"):
         evaluators.build_evaluators(ml_collections.ConfigDict({"evals": {"w": {"type": "nope"}}}))
+
+
+def test_the_world_evaluator_runs_inside_training(tmp_path):
+    """config.evals -> the trainer runs miniworld.reconstruction at the end; its scalars reach
+    metrics.jsonl and its protocol workdir sits under WORKDIR/eval/NAME/step_N."""
+    import json
+
+    from dediffusion_jax.train.cli import load_config_file
+    from dediffusion_jax.train.loop import train_and_evaluate
+
+    config = load_config_file("projects/miniworld/configs/world.py:steps=3")
+    with config.unlocked():
+        config.batch_size, config.lr.warmup_steps = 8, 1
+        config.log.update(dict(samples_every=0, progress_every=0, tensorboard=False))
+        config.evals = {"world": {"type": "miniworld.reconstruction", "every_steps": 0, "num_scenes": 4,
+                                  "ddim_steps": 2, "captions": True}}
+    train_and_evaluate(config, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/world/de_diffusion_text/world_fid" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 3
+    row = evals[0]
+    assert 0.0 <= row["eval/world/de_diffusion_text/colour"] <= 1.0
+    assert row["eval/world/full_caption/colour"] >= row["eval/world/empty_text/colour"]
+    assert row["eval/world/distinct_texts"] >= 1
+    assert (tmp_path / "eval" / "world" / "step_3" / "results.json").is_file()

@@ -183,10 +183,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
 class EncoderView:
     """What evaluators see of the encoder being trained: `.token_ids(images)` and `.texts(images)`
-    with the current params (images [B, H, W, 3] in [-1, 1] at the backbone's size)."""
+    with the current params (images [B, H, W, 3] in [-1, 1] at the backbone's size), the run's `.step`
+    and `.workdir` (where an evaluator may write), and the frozen `.decoder` (a LoadedDecoder)."""
 
-    def __init__(self, model: DeDiffusion, token_ids_fn: Callable[..., Any], params: Any, frozen: Any):
+    def __init__(self, model: DeDiffusion, token_ids_fn: Callable[..., Any], params: Any, frozen: Any,
+                 *, step: int = 0, workdir: Path | None = None, decoder: LoadedDecoder | None = None):
         self.model, self._token_ids, self.params, self.frozen = model, token_ids_fn, params, frozen
+        self.step, self.workdir, self.decoder = int(step), workdir, decoder
 
     def token_ids(self, images: Any) -> np.ndarray:
         return np.asarray(jax.device_get(self._token_ids(self.params, self.frozen, jnp.asarray(images))))
@@ -246,7 +249,9 @@ def de_diffusion_task(config: ml_collections.ConfigDict, decoder: LoadedDecoder,
         init_inputs=parts.state_backbone_arg,
         init_input_shardings=lambda state_sh: state_sh.params["backbone"],
         to_device=device_fields,
-        view=lambda state, frozen: EncoderView(parts.model, token_ids, state.params, frozen),
+        view=lambda state, frozen: EncoderView(parts.model, token_ids, state.params, frozen,
+                                               step=int(jax.device_get(state.step)), workdir=workdir,
+                                               decoder=decoder),
         evaluators=evaluators_lib.build_evaluators(config),
         checkpoint_json=lambda: ckpt_lib.de_diffusion_items(config, dec_info),
         check_checkpoint=check,

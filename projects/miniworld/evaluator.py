@@ -17,6 +17,7 @@ benches and training (the evaluator type `miniworld.reconstruction`, registered 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,10 +167,15 @@ def markdown_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def scalar_key(source_name: str) -> str:
+    """'full caption (upper ref.)' -> 'full_caption', 'De-Diffusion text' -> 'de_diffusion_text'."""
+    return re.sub(r"[^a-z0-9]+", "_", re.sub(r"\(.*?\)", "", source_name).lower()).strip("_")
+
+
 class ReconstructionEvaluator:
     """`miniworld.reconstruction`: the world's redrawing evaluation of the model being trained.
 
-    Scalars `SOURCE/world_fid` and `SOURCE/ATTRIBUTE` (SOURCE: de_diffusion, short_caption, ...;
+    Scalars `SOURCE/world_fid` and `SOURCE/ATTRIBUTE` (SOURCE: de_diffusion_text, short_caption, ...
     the caption sources only where `captions` is true, they do not change with training), the
     De-Diffusion texts' attribute-word recall, and the protocol's grid as an image. Each run writes
     its protocol workdir under WORKDIR/eval/NAME/step_N.
@@ -195,7 +201,7 @@ class ReconstructionEvaluator:
         self.last_results = results
         scalars = {}
         for name, row in rows_of(results).items():
-            key = reconstruction.slug(name).lower().split("_(")[0]
+            key = scalar_key(name)
             scalars.update({f"{key}/{k}": float(v) for k, v in row.items()})
         texts = EncoderTextSource(view, key="").texts([{"scene_index": i} for i in self.indices])
         stats = text_statistics(texts, self.indices)
