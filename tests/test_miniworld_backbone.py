@@ -117,3 +117,23 @@ def test_the_committed_backbone_names_held_out_scenes_zero_shot():
     accuracy = pretrain_backbone.zero_shot_accuracy(model, params, scenes.evaluation_indices(128))
     recorded = json.loads((folder / "TRAINING.json").read_text())["zero_shot_scene_accuracy"]["heldout"]
     assert accuracy >= 0.9 and recorded >= 0.9, (accuracy, recorded)
+
+
+def test_pretraining_on_the_spine_stops_resumes_exactly_and_exports(tmp_path):
+    """A run stopped at step 2 and resumed exports the same CLIP folder as an uninterrupted run."""
+    from dediffusion_jax import weights
+
+    common = ["--steps", "4", "--batch", "8"]
+    assert pretrain_backbone.main(common + ["--out", str(tmp_path / "ref"), "--workdir", str(tmp_path / "ref_run")]) == 0
+    assert pretrain_backbone.main(common + ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "run"),
+                                            "--stop-after-steps", "2"]) == 0
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["2"]
+    assert pretrain_backbone.main(common + ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "run")]) == 0
+    ref, got = (weights.read_file(tmp_path / d / "model.safetensors") for d in ("ref", "out"))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
+    info = json.loads((tmp_path / "out" / "TRAINING.json").read_text())
+    assert [r["step"] for r in info["log"]] == [4]
+    pretrain_backbone.load_world_clip(tmp_path / "out")

@@ -90,7 +90,8 @@ def contrastive_loss(img: jax.Array, txt: jax.Array, scale: jax.Array, scene_ids
 
 @dataclasses.dataclass
 class Pretrainer:
-    """The model, optimizer and jitted step of one run (seeded; the data of step n is a function of n)."""
+    """The model, optimizer and loss of one run as a task of the core's trainer spine (seeded; the
+    data of step n is a function of (seed, n), so a stopped run resumes exactly)."""
 
     steps: int = 1500
     batch: int = 256
@@ -98,6 +99,8 @@ class Pretrainer:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from dediffusion_jax.train import trainer
+
         self.tokenizer = world_tokenizer.load_tokenizer()
         self.text_config = clip_text.CLIPTextConfig.from_dict({
             **TEXT_CONFIG, "vocab_size": len(self.tokenizer),
@@ -105,15 +108,14 @@ class Pretrainer:
             "bos_token_id": int(self.tokenizer.bos_token_id), "eos_token_id": int(self.tokenizer.eos_token_id),
             "pad_token_id": int(self.tokenizer.pad_token_id)})
         self.model = WorldCLIP(VISION_CONFIG, self.text_config)
-        schedule = optax.warmup_cosine_decay_schedule(0.0, self.lr, min(100, self.steps // 10),
-                                                      self.steps, self.lr * 0.02)
-        self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-        self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
+        self.tx = trainer.adam(self.lr, self.lr * 0.02, min(100, self.steps // 10), self.steps,
+                               weight_decay=0.01)
 
-    def init(self) -> Any:
+    def init(self, key: jax.Array | None = None, inputs: Any = None) -> Any:
+        """Fresh params (key(seed) by default)."""
+        key = jax.random.key(self.seed) if key is None else key
         ctx = self.text_config.max_position_embeddings
-        return jax.jit(self.model.init)(jax.random.key(self.seed), *vit.dummy_inputs(VISION_CONFIG),
-                                        jnp.zeros((1, ctx), jnp.int32))["params"]
+        return self.model.init(key, *vit.dummy_inputs(VISION_CONFIG), jnp.zeros((1, ctx), jnp.int32))["params"]
 
     def batch_for_step(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
@@ -126,29 +128,53 @@ class Pretrainer:
             texts.append(captions.SEGMENT_SEP.join(segs))
         return scenes.images_of(idx), world_tokenizer.encode(self.tokenizer, texts), idx.astype(np.int32)
 
-    def _train_step(self, params, opt_state, images, ids, scene_ids):
+    def _batch_dict(self, step: int) -> dict[str, np.ndarray]:
+        images, ids, scene_ids = self.batch_for_step(step)
+        return {"images": images, "ids": ids, "scene_ids": scene_ids}
+
+    def _init_state(self, key: jax.Array, inputs: Any) -> dict:
+        params = self.init(key)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+
+    def _train_step(self, state: dict, frozen: Any, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
         def loss_fn(p):
-            return contrastive_loss(*self.model.apply({"params": p}, images, ids), scene_ids)
+            return contrastive_loss(*self.model.apply({"params": p}, batch["images"], batch["ids"]),
+                                    batch["scene_ids"])
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return ({"step": state["step"] + 1, "params": params, "opt_state": opt_state},
+                {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
-    def train(self, log_every: int = 100) -> tuple[Any, list[dict]]:
-        params = self.init()
-        opt_state = self.tx.init(params)
-        n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params["vision"]))
-        print(f"world CLIP: image tower {n:,} params; {self.steps} steps x {self.batch}, seed {self.seed}",
-              flush=True)
-        log, t0 = [], time.time()
-        for step in range(self.steps):
-            params, opt_state, loss = self._step(params, opt_state, *map(jnp.asarray, self.batch_for_step(step)))
-            if (step + 1) % log_every == 0 or step + 1 == self.steps:
-                rec = {"step": step + 1, "loss": round(float(loss), 4), "wall_s": round(time.time() - t0, 1)}
-                log.append(rec)
-                eta = (self.steps - step - 1) * rec["wall_s"] / (step + 1)
-                print(f"step {rec['step']}/{self.steps} loss {rec['loss']:.4f} eta {eta:.0f}s", flush=True)
-        return params, log
+    def task(self) -> Any:
+        from dediffusion_jax.train import trainer
+
+        args = {"steps": self.steps, "batch": self.batch, "lr": self.lr, "seed": self.seed}
+        return trainer.Task(init=self._init_state, step_fn=self._train_step,
+                            data=trainer.StepIndexedIterator(self._batch_dict),
+                            example_batch=trainer.example_of(self._batch_dict(0)), seed=self.seed,
+                            rng_seed=self.seed + 1, checkpoint_json=lambda: {"args": args})
+
+    def train(self, log_every: int = 100, workdir: str | Path | None = None,
+              stop_after_steps: int = 0) -> tuple[Any, list[dict]]:
+        """(params, log) of the run on the trainer spine; params is None when it stopped early.
+        `workdir` keeps its checkpoints (resumed when present); default: a temporary folder."""
+        import tempfile
+
+        from dediffusion_jax.train import trainer
+
+        print(f"world CLIP: {self.steps} steps x {self.batch}, seed {self.seed}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            run = trainer.Trainer(self.task(), workdir or tmp, trainer.Settings(
+                total_steps=self.steps, log_every=log_every, progress_every=log_every, tensorboard=False,
+                stop_after_steps=stop_after_steps))
+            summary = run.run()
+            records = [json.loads(line) for line in (run.workdir / "metrics.jsonl").read_text().splitlines()]
+        log = [{"step": r["step"], "loss": round(r["loss"], 4)} for r in records if "loss" in r]
+        if summary["preempted"]:
+            return None, log
+        return jax.device_get(run.state["params"]), log
 
 
 def zero_shot_accuracy(model: WorldCLIP, params: Any, indices: np.ndarray, batch: int = 512) -> float:
@@ -223,11 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
+    p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
     args = p.parse_args(argv)
     start = time.time()
     trainer = Pretrainer(args.steps, args.batch, args.lr, args.seed)
-    params, log = trainer.train()
+    params, log = trainer.train(workdir=args.workdir, stop_after_steps=args.stop_after_steps)
     wall = time.time() - start
+    if params is None:
+        print(f"stopped before step {args.steps}; run again with --workdir {args.workdir} to resume", flush=True)
+        return 0
     acc = {"heldout": zero_shot_accuracy(trainer.model, params, scenes.split_indices("heldout")),
            "train_512": zero_shot_accuracy(trainer.model, params, scenes.split_indices("train")[:512])}
     print(f"zero-shot scene accuracy among all {scenes.NUM_SCENES} captions: {json.dumps(acc)}", flush=True)
