@@ -13,7 +13,8 @@ Everything after a lone `--` is passed on untouched.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+import sys
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 HELP_FLAGS = ("-h", "--help", "--helpfull", "--helpshort")
 _PREFIXES = (("--config.", False), ("--noconfig.", True))
@@ -87,3 +88,12 @@ def wants_help(argv: Sequence[str]) -> bool:
         if tok in HELP_FLAGS:
             return True
     return False
+
+
+def answer_help_early(build_parser: Callable[[], Any], argv: Optional[Sequence[str]] = None) -> None:
+    """For a program whose module imports jax at the top: call it under `if __name__ == "__main__":`
+    BEFORE those imports, so `--help` prints the usage and exits 0 with nothing heavy imported."""
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        build_parser().print_help()
+        raise SystemExit(0)

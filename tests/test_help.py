@@ -30,15 +30,15 @@ ENTRY_POINTS = [
     (["launch/local.py", "--help"], True),
     (["launch/slurm_gpu.py", "--help"], True),
     (["launch/tpu_pod.py", "--help"], True),
+    (["-m", "projects.miniworld.tfds_builder", "--help"], True),
+    (["-m", "projects.miniworld.probe", "--help"], True),
+    (["-m", "dediffusion_jax.evaluation.convert_inception", "--help"], True),
+    (["-m", "dediffusion_jax.evaluate", "--help"], True),
     # These import their model code at module level (jax, flax): usage, exit 0, quick.
     (["-m", "dediffusion_jax.encode", "--help"], False),
-    (["-m", "dediffusion_jax.evaluate", "--help"], False),
-    (["-m", "dediffusion_jax.evaluation.convert_inception", "--help"], False),
     (["-m", "projects.miniworld.pretrain_decoder", "--help"], False),
     (["-m", "projects.miniworld.pretrain_backbone", "--help"], False),
     (["-m", "projects.miniworld.classifier", "--help"], False),
-    (["-m", "projects.miniworld.probe", "--help"], False),
-    (["-m", "projects.miniworld.tfds_builder", "--help"], False),
 ]
 
 

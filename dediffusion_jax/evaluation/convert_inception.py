@@ -27,6 +27,19 @@ import re
 import sys
 from collections.abc import Sequence
 
+from dediffusion_jax.cli_flags import answer_help_early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="pt_inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--output", required=True, help="where to write the .safetensors file")
+    return parser
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)  # before the heavy imports below
+
 import numpy as np
 
 from dediffusion_jax import weights
@@ -80,9 +93,7 @@ def convert(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="pt_inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--output", required=True, help="where to write the .safetensors file")
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     digest = sha256_of(args.input)

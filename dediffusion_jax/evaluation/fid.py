@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import scipy.linalg
 
 STATS_FORMAT = "dediffusion_jax.FeatureStats"
 STATS_VERSION = 1
@@ -97,6 +96,8 @@ def frechet_distance(
 
 def _sqrtm(a: np.ndarray) -> tuple[np.ndarray, bool]:
     """scipy's sqrtm, reporting whether scipy flagged the matrix as singular."""
+    import scipy.linalg  # here, not at the top: scipy's array-API layer imports jax (slow `--help`s)
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
         root = scipy.linalg.sqrtm(a)

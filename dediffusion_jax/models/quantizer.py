@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dediffusion_jax.t2i.bpe import bytes_to_unicode
+
 Array = jax.Array
 # Finite instead of -inf: exp underflows to exactly 0 for any temperature <= ~1e7 and any Gumbel noise,
 # while (x - max) stays finite, so neither forward nor backward produces NaN.
@@ -46,21 +48,6 @@ MASK_VALUE = -1e9
 
 
 # --------------------------------------------------------------------------- vocabulary mask
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte -> printable unicode map (its order defines a BPE vocabulary's
-    first 256 ids); the one copy in the project (the miniature world's tokenizer builds on it)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of `bytes_to_unicode` (printable symbol -> byte)."""

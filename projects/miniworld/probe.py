@@ -18,6 +18,44 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dediffusion_jax.cli_flags import answer_help_early
+
+DEFAULT_DECODER = Path(__file__).resolve().parent / "assets" / "decoder"
+TEXT_SET_NAMES = ("default", "shapes")
+RANK_CONTEXTS = ("random", "colours")
+CONTRAST_CAPTION = "red circle top left , white background"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m projects.miniworld.probe", description=__doc__.splitlines()[0])
+    p.add_argument("--decoder", default=str(DEFAULT_DECODER))
+    p.add_argument("--workdir", help="a De-Diffusion training run: add its texts as a row (and use its "
+                                     "decoder) and print their attribute-word statistics")
+    p.add_argument("--scenes", type=int, default=128, help="held-out scenes")
+    p.add_argument("--draws", type=int, default=8, help="(t, noise) draws per scene")
+    p.add_argument("--timestep", type=int, help="one fixed t for every draw (default: uniform t)")
+    p.add_argument("--texts", choices=sorted(TEXT_SET_NAMES), default="default",
+                   help="which texts to score: the default set, or 'shapes' (bags of words with and "
+                        "without shape and row words)")
+    p.add_argument("--st-ranks", action="store_true",
+                   help="instead: where the straight-through gradient ranks the right words (straight_through_ranks)")
+    p.add_argument("--context", choices=RANK_CONTEXTS, default="random",
+                   help="--st-ranks: the text the gradient is taken at")
+    p.add_argument("--per-word", action="store_true",
+                   help="--st-ranks: also every word's mean rank, most favoured first")
+    p.add_argument("--t-range", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="--st-ranks: draw t from [LO, HI) (default: the upper half)")
+    p.add_argument("--slot-mass", action="store_true",
+                   help="with --workdir, instead: the probability mass its encoder puts on each kind "
+                        "of the scene's words (slot_word_mass)")
+    p.add_argument("--contrast", action="store_true",
+                   help=f"instead: how much the text states move per word swap in {CONTRAST_CAPTION!r}")
+    return p
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)  # before the heavy imports below
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +65,6 @@ from dediffusion_jax.t2i import pipeline, schedules
 from dediffusion_jax.t2i.folder import LoadedDecoder, load_decoder
 
 TextsFn = Callable[[scenes.Scene], str]
-DEFAULT_DECODER = Path(__file__).resolve().parent / "assets" / "decoder"
-
-
 def _bg_word(s: scenes.Scene) -> str:
     return captions.background_segment(s).split()[0]
 
@@ -114,9 +149,8 @@ SHAPE_TEXTS: dict[str, TextsFn] = {
     "colour shape row + background": _object_words(lambda o: [o.colour, o.shape, scenes.ROWS[o.row]]),
     "full caption": captions.full_caption,
 }
-TEXT_SETS = {"default": PROBE_TEXTS, "shapes": SHAPE_TEXTS}
+TEXT_SETS = dict(zip(TEXT_SET_NAMES, (PROBE_TEXTS, SHAPE_TEXTS)))
 
-CONTRAST_CAPTION = "red circle top left , white background"
 CONTRAST_PAIRS = (("left", "right"), ("top", "bottom"), ("red", "blue"), ("circle", "square"))
 
 
@@ -130,9 +164,6 @@ def state_contrast(decoder: LoadedDecoder, caption: str, a: str, b: str) -> np.n
     ids = jnp.asarray(pipeline.tokenize(decoder, [caption, swapped]))
     h = np.asarray(pipeline.text_states(decoder, decoder.params, ids))
     return np.linalg.norm(h[0] - h[1], axis=-1) / np.linalg.norm(h[0], axis=-1).mean()
-
-
-RANK_CONTEXTS = ("random", "colours")
 
 
 def _context_words(scene: scenes.Scene, num_tokens: int) -> list[str]:
@@ -263,29 +294,7 @@ def de_diffusion_texts(workdir: str | Path, indices: Sequence[int]) -> tuple[Loa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m projects.miniworld.probe", description=__doc__.splitlines()[0])
-    p.add_argument("--decoder", default=str(DEFAULT_DECODER))
-    p.add_argument("--workdir", help="a De-Diffusion training run: add its texts as a row (and use its "
-                                     "decoder) and print their attribute-word statistics")
-    p.add_argument("--scenes", type=int, default=128, help="held-out scenes")
-    p.add_argument("--draws", type=int, default=8, help="(t, noise) draws per scene")
-    p.add_argument("--timestep", type=int, help="one fixed t for every draw (default: uniform t)")
-    p.add_argument("--texts", choices=sorted(TEXT_SETS), default="default",
-                   help="which texts to score: the default set, or 'shapes' (bags of words with and "
-                        "without shape and row words)")
-    p.add_argument("--st-ranks", action="store_true",
-                   help="instead: where the straight-through gradient ranks the right words (straight_through_ranks)")
-    p.add_argument("--context", choices=RANK_CONTEXTS, default="random",
-                   help="--st-ranks: the text the gradient is taken at")
-    p.add_argument("--per-word", action="store_true",
-                   help="--st-ranks: also every word's mean rank, most favoured first")
-    p.add_argument("--t-range", type=int, nargs=2, metavar=("LO", "HI"),
-                   help="--st-ranks: draw t from [LO, HI) (default: the upper half)")
-    p.add_argument("--slot-mass", action="store_true",
-                   help="with --workdir, instead: the probability mass its encoder puts on each kind "
-                        "of the scene's words (slot_word_mass)")
-    p.add_argument("--contrast", action="store_true",
-                   help=f"instead: how much the text states move per word swap in {CONTRAST_CAPTION!r}")
+    p = build_parser()
     args = p.parse_args(argv)
     indices = scenes.evaluation_indices(args.scenes)
     if args.st_ranks:

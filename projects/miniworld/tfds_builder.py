@@ -30,6 +30,22 @@ import argparse
 import os
 import sys
 
+from dediffusion_jax.cli_flags import answer_help_early
+
+DEFAULT_NUM_TRAIN = 16384
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Build the mini_world tfds dataset (array_record).")
+    p.add_argument("--data_dir", required=True, help="tfds data_dir to write into")
+    p.add_argument("--num_train", type=int, default=DEFAULT_NUM_TRAIN,
+                   help=f"train split size (default {DEFAULT_NUM_TRAIN})")
+    return p
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)  # before the heavy imports below
+
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -38,7 +54,6 @@ from dediffusion_jax.data.local_tfds import LocalCodePath, prepare_array_record
 from projects.miniworld import captions, scenes
 from dediffusion_jax.t2i.pipeline import to_uint8
 
-DEFAULT_NUM_TRAIN = 16384
 SEED = 0  # MiniWorldSource's default seed: train item i is its item i
 
 
@@ -118,10 +133,7 @@ def build_mini_world(data_dir: str | os.PathLike, num_train: int = DEFAULT_NUM_T
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Build the mini_world tfds dataset (array_record).")
-    p.add_argument("--data_dir", required=True, help="tfds data_dir to write into")
-    p.add_argument("--num_train", type=int, default=DEFAULT_NUM_TRAIN,
-                   help=f"train split size (default {DEFAULT_NUM_TRAIN})")
+    p = build_parser()
     args = p.parse_args(argv)
     print(f"building mini_world (train {args.num_train}, heldout "
           f"{len(scenes.split_indices('heldout'))}) under {args.data_dir} ...", flush=True)

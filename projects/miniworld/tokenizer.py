@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dediffusion_jax.models.quantizer import bytes_to_unicode
+from dediffusion_jax.t2i.bpe import bytes_to_unicode
 from projects.miniworld.captions import WORLD_WORDS
 
 CONTEXT_LENGTH = 16
