@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from dediffusion_jax import weights
 from dediffusion_jax.data.preprocess import (CLIP_MEAN, CLIP_STD, PreprocessConfig, decode_image,
                                              two_views)
 from dediffusion_jax.train.checkpoint import (CheckpointError, DecoderMismatchError,
@@ -215,9 +216,8 @@ class TextEncoder:
             raise CheckpointError(f"cannot read {root / CONFIG_NAME}: {_one_line(e)}") from e
         decoder = _resolve_decoder(decoder, recorded, str(root))
         model, init_params, _ = build.build_model(config, decoder.spec, vit_config=vit_config)
-        tensors = _read_tensors(root / WEIGHTS_NAME)
         want = traverse_util.flatten_dict(jax.eval_shape(init_params, jax.random.key(0)), sep="/")
-        _check_shapes(tensors, {k: tuple(v.shape) for k, v in want.items()}, root / WEIGHTS_NAME)
+        tensors = _read_tensors(root / WEIGHTS_NAME, {k: tuple(v.shape) for k, v in want.items()})
         params = traverse_util.unflatten_dict(
             {k: np.asarray(v, want[k].dtype) for k, v in tensors.items()}, sep="/")
         trainable = dict(params)
@@ -281,7 +281,7 @@ class TextEncoder:
         params = jax.device_get(self.model.merge(self.trainable, self.frozen))
         flat = {k: np.ascontiguousarray(v) for k, v in
                 traverse_util.flatten_dict(params, sep="/").items()}
-        _write_tensors(flat, root / WEIGHTS_NAME)
+        weights.save(flat, root / WEIGHTS_NAME, metadata={"format": EXPORT_FORMAT})
         save_tokenizer(self.decoder.tokenizer, root / TOKENIZER_DIR)
         meta = {
             "format": EXPORT_FORMAT,
@@ -298,28 +298,11 @@ class TextEncoder:
         return root
 
 
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    import safetensors.numpy
-
+def _read_tensors(path: Path, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """The export's weights, checked against the shapes its config builds (weights.py does both)."""
     try:
-        return dict(safetensors.numpy.load_file(str(path)))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise CheckpointError(f"cannot read {path}: {_one_line(e)}") from e
-
-
-def _write_tensors(tensors: dict[str, np.ndarray], path: Path) -> None:
-    import safetensors.numpy
-
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": EXPORT_FORMAT})
-    tmp.replace(path)
-
-
-def _check_shapes(found: dict[str, np.ndarray], expected: dict[str, tuple], where: Path) -> None:
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k].shape) != expected[k])
-    if missing or extra or wrong:
-        raise CheckpointError(
-            f"{where} does not fit the model its config builds: missing {missing[:3]}, unexpected "
-            f"{extra[:3]}, misshapen {[(k, found[k].shape, expected[k]) for k in wrong[:3]]}")
+        tensors = weights.read_file(path)
+        weights.check_shapes(tensors, expected, path)
+    except weights.WeightsError as e:
+        raise CheckpointError(_one_line(e)) from e
+    return tensors

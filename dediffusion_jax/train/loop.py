@@ -76,16 +76,11 @@ class Parts:
     def abstract_state(self) -> step_lib.TrainState:
         return jax.eval_shape(self.init_state, jax.random.key(0), self.state_backbone_arg)
 
-    def frozen_params(self, key: jax.Array) -> dict[str, Any]:
+    def frozen_params(self) -> dict[str, Any]:
         """{"decoder": ..., "backbone"?: ...}: the frozen backbone is the pretrained one, or (random
-        frozen-backbone ablation) the init's backbone from `key`, recomputed identically later."""
-        frozen: dict[str, Any] = {"decoder": self.decoder.params}
-        if self.frozen_backbone:
-            if self.pretrained_backbone is not None:
-                frozen["backbone"] = self.pretrained_backbone
-            else:
-                frozen["backbone"] = jax.jit(lambda k: self.init_params(k)["backbone"])(key)
-        return frozen
+        frozen-backbone ablation) the init's backbone from key(config.seed), as inference rebuilds it."""
+        return {"decoder": self.decoder.params,
+                **model_build.frozen_backbone(self.config, self.init_params, self.pretrained_backbone)}
 
 
 def build_parts(config: ml_collections.ConfigDict, decoder: LoadedDecoder) -> Parts:
@@ -243,7 +238,7 @@ def de_diffusion_task(config: ml_collections.ConfigDict, decoder: LoadedDecoder,
         rng_seed=seed + 1,
         state_shardings=lambda abstract, m: step_lib.state_shardings_for(abstract, m, sharding_lib.ENCODER_RULES),
         # Frozen weights: placed on the mesh once, never donated, never in the optimizer.
-        frozen=parts.frozen_params(jax.random.key(seed)),
+        frozen=parts.frozen_params(),
         frozen_shardings=lambda tree, m: sharding_lib.tree_shardings(tree, m, frozen_rules),
         # A pretrained, trained backbone starts the state (sharded like the state's backbone).
         init_inputs=parts.state_backbone_arg,

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = build_parts(config, decoder)
     model = parts.model
     key = jax.random.key(0)
-    frozen = parts.frozen_params(key)
+    frozen = parts.frozen_params()
     state = jax.jit(parts.init_state)(key, parts.state_backbone_arg)
 
     data_iter = iter(make_data(config, decoder))
