@@ -88,6 +88,13 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.asarray(ref_trainer.state["params"]["w"]))
 
 
+def test_a_stop_right_after_a_periodic_save_saves_once(tmp_path):
+    summary, _ = run(tmp_path, 6, checkpoint_every=2, stop_after_steps=2)
+    assert summary["step"] == 2 and summary["preempted"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
+    assert trainer.Trainer(regression_task(), tmp_path, trainer.Settings(total_steps=6)).latest_step() == 2
+
+
 def test_a_corrupt_checkpoint_is_an_error(tmp_path):
     run(tmp_path, 2)
     for f in (tmp_path / "checkpoints/2/state").rglob("*"):

@@ -260,6 +260,14 @@ class Trainer:
               else replicated_shardings(self.task.frozen, self.mesh))
         return place(self.task.frozen, sh), sh
 
+    def latest_step(self) -> int | None:
+        """The step of the workdir's latest checkpoint (None: a fresh start)."""
+        manager = self._manager()
+        try:
+            return manager.latest_step()
+        finally:
+            manager.close()
+
     def restore_latest(self, step: int | None = None) -> Any | None:
         """The state of the latest (or the given) checkpoint, sharded; None when there is none.
         The data iterator is left where it is."""

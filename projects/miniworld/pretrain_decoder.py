@@ -4,8 +4,10 @@ The decoder is the same architecture family as Stable Diffusion (CLIP text trans
 UNet2DConditionModel, here in pixel space with v-prediction as the paper's decoder), trained from
 scratch on (scene, caption) pairs of the world's TRAIN split with the caption mix of
 `captions.training_caption` (10% empty for classifier-free guidance). It runs for a long time on a
-CPU, so it is built to be stopped and resumed: orbax checkpoints every `--checkpoint-minutes`, an
-exact resume (the data of step n is a function of (seed, n)), and SIGTERM/SIGINT save before exit.
+CPU, so it is built to be stopped and resumed: it trains on the core's trainer spine
+(dediffusion_jax/train/trainer.py) with orbax checkpoints every `--checkpoint-minutes`, an exact resume
+(the data of step n is a function of (seed, n)), SIGTERM/SIGINT saving before exit, metrics.jsonl and
+TensorBoard in the workdir, and the quality gate as an evaluator (eval/gate/KEY).
 
     python -m projects.miniworld.pretrain_decoder --workdir workdirs/decoder --steps 12000
     python -m projects.miniworld.pretrain_decoder --workdir workdirs/decoder --export DIR
@@ -21,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -174,44 +174,55 @@ def text_tower_of(folder: str | Path, text_config: clip_text.CLIPTextConfig) -> 
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
 
 
-def lr_schedule(peak: float, end: float, warmup: int, total: int) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end)
-
-
 class Trainer:
-    """Holds the modules, the jitted step and the state of one pre-training run."""
+    """The modules, optimizer and loss of one pre-training run, and its task for the core's trainer
+    spine (dediffusion_jax/train/trainer.py), which owns the loop, checkpoints and logging."""
 
     def __init__(self, args: argparse.Namespace):
+        from dediffusion_jax.train import trainer as spine
+
         self.args = args
         self.tokenizer = world_tokenizer.load_tokenizer()
         self.text_config, self.unet_config, self.schedule = build_configs(self.tokenizer)
         self.text_model = clip_text.CLIPTextModel(config=self.text_config)
         self.unet_model = unet.UNet2DConditionModel(config=self.unet_config)
-        self.optimizer = optax.chain(
-            optax.clip_by_global_norm(1.0),
-            optax.adam(lr_schedule(args.lr, args.lr_end, args.warmup, args.steps)),
-        )
+        # clip(1) -> Adam -> warmup-cosine lr, from the core's optimizer module.
+        self.optimizer = spine.adam(args.lr, args.lr_end, args.warmup, args.steps)
         # A frozen text encoder (Stable Diffusion's recipe) stays out of the optimizer and the grads.
         self.trainable = ("unet",) if getattr(args, "freeze_text_encoder", False) else ("text_encoder", "unet")
-        self._step = jax.jit(self._train_step, donate_argnums=(0,))
+        self._step = jax.jit(self.step_fn, donate_argnums=(0,))
 
-    def init_state(self) -> dict[str, Any]:
-        """A fresh state: random weights, or (`--init-from`) an exported decoder's, with new optimizer state."""
-        k_text, k_unet = jax.random.split(jax.random.key(self.args.seed))
-        params = {
+    def random_params(self, key: jax.Array) -> dict[str, Any]:
+        k_text, k_unet = jax.random.split(key)
+        return {
             "text_encoder": self.text_model.init(k_text, *clip_text.dummy_inputs(self.text_config))["params"],
             "unet": self.unet_model.init(k_unet, *unet.dummy_inputs(self.unet_config))["params"],
         }
+
+    def init_inputs(self) -> dict[str, Any] | None:
+        """Weights that start the run instead of the random ones: `--init-from` (text encoder + UNet of
+        an exported decoder), `--text-encoder-from` (a CLIP text tower)."""
+        inputs: dict[str, Any] = {}
         if getattr(self.args, "init_from", None):
-            params = self._weights_of(self.args.init_from, params)
+            like = jax.eval_shape(self.random_params, jax.random.key(0))
+            inputs.update(self._weights_of(self.args.init_from, like))
         if getattr(self.args, "text_encoder_from", None):
-            params["text_encoder"] = text_tower_of(self.args.text_encoder_from, self.text_config)
+            inputs["text_encoder"] = text_tower_of(self.args.text_encoder_from, self.text_config)
+        return inputs or None
+
+    def init(self, key: jax.Array, inputs: dict[str, Any] | None) -> dict[str, Any]:
+        """A fresh state: random weights (or `inputs`), their EMA copy, new optimizer state."""
+        params = {**self.random_params(key), **(inputs or {})}
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "ema": jax.tree_util.tree_map(jnp.copy, params),
             "opt_state": self.optimizer.init({k: params[k] for k in self.trainable}),
         }
+
+    def init_state(self) -> dict[str, Any]:
+        """The fresh state of this run, on the default device (the spine builds it sharded)."""
+        return jax.jit(self.init)(jax.random.key(self.args.seed), self.init_inputs())
 
     def text_states(self, params: Any, ids: jax.Array, mixing: tuple[jax.Array, jax.Array] | None) -> jax.Array:
         """Text encoder states of the captions, with word embeddings blended where `mixing` says."""
@@ -236,33 +247,50 @@ class Trainer:
         target = schedules.training_target(self.schedule, images, noise, t)
         return jnp.mean(jnp.square(pred - target))
 
-    def _train_step(self, state: dict, images: jax.Array, ids: jax.Array,
-                    mixing: tuple[jax.Array, jax.Array] | None = None) -> tuple[dict, dict]:
-        rng = jax.random.fold_in(jax.random.key(self.args.seed + 1), state["step"])
+    def step_fn(self, state: dict, frozen: Any, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
+        """The spine's step: denoising loss of the trainable parts, Adam, EMA (decay -> 0.999)."""
+        rng = jax.random.fold_in(rng, state["step"])
+        mixing = (batch["other"], batch["weights"]) if "other" in batch else None
         trained = {k: state["params"][k] for k in self.trainable}
-        frozen = {k: v for k, v in state["params"].items() if k not in self.trainable}
+        frozen_params = {k: v for k, v in state["params"].items() if k not in self.trainable}
         loss, grads = jax.value_and_grad(
-            lambda p: self.loss_fn({**frozen, **p}, images, ids, rng, mixing))(trained)
+            lambda p: self.loss_fn({**frozen_params, **p}, batch["images"], batch["ids"], rng, mixing))(trained)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], trained)
         trained = optax.apply_updates(trained, updates)
-        params = {**frozen, **trained}
+        params = {**frozen_params, **trained}
         n = state["step"].astype(jnp.float32)
         decay = jnp.minimum(0.999, (1.0 + n) / (10.0 + n))
         # Frozen weights are copied, not averaged: an average of a constant drifts by rounding.
-        ema = {**frozen, **jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p,
-                                                  {k: state["ema"][k] for k in self.trainable}, trained)}
+        ema = {**frozen_params, **jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p,
+                                                         {k: state["ema"][k] for k in self.trainable}, trained)}
         new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    def step(self, state: dict, step: int) -> tuple[dict, dict]:
-        """One step; `step` must equal state["step"] (passed so the host never waits to read it)."""
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The batch of `step`: a pure function of (seed, step) and the caption-mix flags."""
         images, ids = batch_for_step(self.args.seed, step, self.args.batch, self.tokenizer,
                                      self.args.soup_fraction)
-        mixing = None
+        out = {"images": images, "ids": ids}
         if self.args.mix_fraction:
-            mixing = tuple(map(jnp.asarray, token_mixing_for_step(
-                self.args.seed, step, ids, self.args.mix_fraction, self.tokenizer)))
-        return self._step(state, jnp.asarray(images), jnp.asarray(ids), mixing)
+            out["other"], out["weights"] = token_mixing_for_step(
+                self.args.seed, step, ids, self.args.mix_fraction, self.tokenizer)
+        return out
+
+    def step(self, state: dict, step: int) -> tuple[dict, dict]:
+        """One step outside the spine (tests); `step` must equal state["step"]."""
+        batch = {k: jnp.asarray(v) for k, v in self.batch(step).items()}
+        return self._step(state, None, batch, jax.random.key(self.args.seed + 1))
+
+    def task(self, evaluators: list | None = None, checkpoint_json: dict | None = None) -> Any:
+        """This run as a task of the trainer spine; the evaluators see the EMA params."""
+        from dediffusion_jax.train import trainer as spine
+
+        return spine.Task(
+            init=self.init, step_fn=self.step_fn, data=spine.StepIndexedIterator(self.batch),
+            example_batch=spine.example_of(self.batch(0)), seed=int(self.args.seed),
+            rng_seed=int(self.args.seed) + 1, init_inputs=self.init_inputs(),
+            view=lambda state, frozen: state["ema"], evaluators=evaluators or [],
+            checkpoint_json=(lambda: checkpoint_json) if checkpoint_json is not None else None)
 
     @staticmethod
     def _weights_of(folder: str, like: dict) -> dict:
@@ -287,34 +315,6 @@ class Trainer:
                              {"text_encoder": params["text_encoder"], "unet": params["unet"]})
 
 
-def _checkpoint_manager(workdir: Path):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        workdir.resolve() / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-    )
-
-
-def _restore(manager, template: dict) -> dict | None:
-    import orbax.checkpoint as ocp
-
-    latest = manager.latest_step()
-    if latest is None:
-        return None
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-    return manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-
-
-def _save(manager, state: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    if manager.latest_step() == int(state["step"]):  # e.g. a stop right after a periodic save
-        return
-    manager.save(int(state["step"]), args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
-
-
 def evaluate_gate(trainer: Trainer, params: Any, num_scenes: int = 128, guidance: float = 3.0) -> dict:
     """The calibration's quality gate: held-out scenes drawn from their FULL captions, classified; and
     `short_caption_object`: how often a short caption's object ('green circle') is drawn at all."""
@@ -334,6 +334,20 @@ def evaluate_gate(trainer: Trainer, params: Any, num_scenes: int = 128, guidance
     short = draw([captions.short_caption(s) for s in held_out])
     gate["short_caption_object"] = metrics.named_object_drawn(clf_params, short, held_out, clf_config)
     return gate
+
+
+class GateEvaluator:
+    """`evaluate_gate` as an evaluator of the spine: eval/gate/KEY every `every_steps` and at the end."""
+
+    def __init__(self, trainer: Trainer, every_steps: int, guidance: float, name: str = "gate"):
+        self.trainer, self.every_steps, self.guidance, self.name = trainer, every_steps, guidance, name
+
+    def run(self, ema_params: Any) -> Any:
+        from dediffusion_jax.evaluation.evaluators import EvalResult
+
+        gate = evaluate_gate(self.trainer, ema_params, guidance=self.guidance)
+        print(f"gate: {json.dumps(gate)}", flush=True)
+        return EvalResult(scalars=gate)
 
 
 def export(trainer: Trainer, params: Any, out: Path, info: dict, weights_dtype: str = "float16") -> Any:
@@ -371,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=2000, help="gate evaluation period (0 = never)")
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     p.add_argument("--stop-after-minutes", type=float, default=0, help="save and stop (0 = no limit)")
+    p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (0 = no limit)")
     p.add_argument("--export", help="write the EMA decoder of the latest checkpoint to this folder")
     p.add_argument("--export-dtype", default="float16", choices=("float16", "float32"),
                    help="weights dtype of the exported folder (float16 halves it; loading upcasts)")
@@ -393,22 +408,24 @@ def main(argv: list[str] | None = None) -> int:
         (workdir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         with (workdir / "args_history.jsonl").open("a") as f:  # every invocation (e.g. a fine-tune phase)
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **vars(args)}) + "\n")
-    trainer = Trainer(args)
-    manager = _checkpoint_manager(workdir)
-    state = trainer.init_state()
-    restored = _restore(manager, state)
-    if restored is not None:
-        state = restored
-        print(f"resumed from step {int(state['step'])}", flush=True)
-    elif args.export:
-        print(f"error: no checkpoint in {workdir} to export", file=sys.stderr)
-        return 2
+    from dediffusion_jax.train import trainer as spine
 
-    log_path = workdir / "log.jsonl"
+    trainer = Trainer(args)
+    guidance = float(args.gate_guidance.split(",")[0])
+    evaluators = [GateEvaluator(trainer, args.eval_every, guidance)] if args.eval_every and not args.export else []
+    settings = spine.Settings(
+        total_steps=args.steps, log_every=args.log_every, progress_every=args.log_every,
+        checkpoint_minutes=args.checkpoint_minutes, keep=2, tensorboard=True,
+        stop_after_steps=args.stop_after_steps, stop_after_minutes=args.stop_after_minutes)
+    run = spine.Trainer(trainer.task(evaluators, {"args": vars(args)}), workdir, settings)
     timing_path = workdir / "wall_seconds.json"
     wall_before = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else 0.0
 
     if args.export:
+        state = run.restore_latest()
+        if state is None:
+            print(f"error: no checkpoint in {workdir} to export", file=sys.stderr)
+            return 2
         args_path = workdir / "args.json"  # the (last) training invocation's arguments
         train_args = json.loads(args_path.read_text()) if args_path.exists() else None
         # every training phase (e.g. a fine-tune) is in history_path
@@ -417,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         info = {"steps": int(state["step"]), "args": train_args, "args_history": history,
                 "train_wall_seconds": wall_before, "weights_dtype": args.export_dtype}
         out = Path(args.export)
-        exported = export(trainer, state["ema"], out, info, args.export_dtype)
+        exported = export(trainer, jax.device_get(state["ema"]), out, info, args.export_dtype)
         if args.eval_every:  # the gate of the exported (e.g. float16) weights, as users load them
             info["gate"] = {
                 w: evaluate_gate(trainer, exported, guidance=float(w))
@@ -427,53 +444,13 @@ def main(argv: list[str] | None = None) -> int:
             (out / "TRAINING.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         return 0
 
-    stop = {"flag": False}
-
-    def _handler(signum, frame):  # pre-emption: finish the step, save, exit
-        stop["flag"] = True
-
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)
-
+    latest = run.latest_step()
+    if latest is not None:
+        print(f"resumed from step {latest}", flush=True)
     start = time.time()
-    last_save = time.time()
-    step = int(state["step"])
-    last_log = (time.time(), step)
-    # The loop never waits on the device except to log: the next batch is prepared while the
-    # previous step runs (JAX dispatches asynchronously).
-    while step < args.steps and not stop["flag"]:
-        state, m = trainer.step(state, step)
-        step += 1
-        if step % args.log_every == 0 or step == args.steps:
-            now = time.time()
-            rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
-            last_log = (now, step)
-            eta_min = (args.steps - step) / max(rate, 1e-9) / 60
-            record = {
-                "step": step,
-                "loss": float(m["loss"]),
-                "grad_norm": float(m["grad_norm"]),
-                "steps_per_s": round(rate, 3),
-                "wall_s": round(wall_before + now - start, 1),
-            }
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"step {step}/{args.steps} loss {record['loss']:.4f} {rate:.2f} steps/s "
-                  f"eta {eta_min:.0f} min", flush=True)
-        if args.eval_every and step % args.eval_every == 0:
-            gate = evaluate_gate(trainer, state["ema"], guidance=float(args.gate_guidance.split(",")[0]))
-            with log_path.open("a") as f:
-                f.write(json.dumps({"step": step, "gate": gate}) + "\n")
-            print(f"gate at step {step}: {json.dumps(gate)}", flush=True)
-        if time.time() - last_save > 60 * args.checkpoint_minutes:
-            _save(manager, state)
-            timing_path.write_text(json.dumps({"seconds": wall_before + time.time() - start}))
-            last_save = time.time()
-        if args.stop_after_minutes and time.time() - start > 60 * args.stop_after_minutes:
-            break
-    _save(manager, state)
+    summary = run.run()  # SIGTERM/SIGINT: finish the step, save, return
     timing_path.write_text(json.dumps({"seconds": wall_before + time.time() - start}))
-    print(f"saved step {int(state['step'])} to {workdir}", flush=True)
+    print(f"saved step {summary['step']} to {workdir}", flush=True)
     return 0
 
 
