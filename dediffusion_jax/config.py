@@ -12,6 +12,7 @@ import difflib
 from typing import Any
 
 import ml_collections
+from dediffusion_jax.errors import UserError
 
 # No jax here: `train --help` and the config files load this module without starting anything heavy.
 
@@ -183,7 +184,7 @@ def leaf_fields(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str
 
 # ------------------------------------------------------------------------ typed config-file arguments
 
-class ConfigArgError(ValueError):
+class ConfigArgError(UserError, ValueError):
     """A config file's argument string is wrong (unknown key, value of the wrong type, bad choice)."""
 
 

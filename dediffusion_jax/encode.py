@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from dediffusion_jax import errors as errors_lib
 from dediffusion_jax.data.preprocess import (CorruptExampleError, PreprocessConfig, decode_image,
                                              two_views)
 
@@ -143,25 +144,43 @@ def encode_to_jsonl(
     """
     errors: list[tuple[str, str]] = []
 
-    def on_error(name: str, reason: str) -> None:
-        errors.append((name, reason))
-        print(f"skipped unreadable image {name}: {reason}", file=sys.stderr, flush=True)
-
-    records = iter_image_records(specs, limit=limit, on_error=on_error)
-    results = encode_records(records, encoder, on_error=on_error)
-    if progress:
+    # The progress bar only on a terminal (in a log file every redraw is one more line), and the
+    # skip lines through it, so they never land in the middle of the bar.
+    bar = None
+    if progress and sys.stderr.isatty():
         from tqdm import tqdm
 
-        results = tqdm(results, desc="encode", unit="img", file=sys.stderr)
+        bar = tqdm(desc="encode", unit="img", file=sys.stderr)
+
+    def on_error(name: str, reason: str) -> None:
+        errors.append((name, reason))
+        line = f"skipped unreadable image {name}: {reason}"
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(21, "--out is a folder, not a file", str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    records = iter_image_records(specs, limit=limit, on_error=on_error)
     n = 0
-    with open(tmp, "w") as f:
-        for row in results:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(out)
+    try:
+        with open(tmp, "w") as f:
+            for row in encode_records(records, encoder, on_error=on_error):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+                if bar is not None:
+                    bar.update(1)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written OUT.tmp left behind
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     print(f"encoded {n} images -> {out}; skipped {len(errors)} unreadable", file=sys.stderr,
           flush=True)
     return {"encoded": n, "skipped": len(errors), "errors": errors}
@@ -197,6 +216,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="encode at most this many images")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(errors_lib.DEBUG_FLAG, action="store_true", help=errors_lib.DEBUG_HELP)
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
@@ -204,21 +224,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: 0 when something was encoded, 1 when nothing was, 2 for a user error (one line)."""
+    return errors_lib.run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = _parse(argv)
-    from dediffusion_jax.inference import CheckpointError, TextEncoder
+    import logging
+
+    from dediffusion_jax.inference import TextEncoder
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on opening a checkpoint
 
     try:
         encoder = TextEncoder.load(args.checkpoint, args.decoder, batch_size=args.batch_size,
                                    mesh=default_mesh())
-    except (CheckpointError, FileNotFoundError, ValueError) as e:  # (DecoderFolderError too)
-        print(f"error: cannot load the encoder {args.checkpoint}: {e}", file=sys.stderr)
+    except (errors_lib.UserError, OSError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"error: cannot load the encoder {args.checkpoint}: {errors_lib.message(e)}",
+              file=sys.stderr)
         return 2
-    try:
-        summary = encode_to_jsonl(args.images, args.out, encoder, limit=args.limit,
-                                  progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = encode_to_jsonl(args.images, args.out, encoder, limit=args.limit,
+                              progress=not args.no_progress)
     return 0 if summary["encoded"] else 1
 
 

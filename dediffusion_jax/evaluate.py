@@ -24,6 +24,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dediffusion_jax import errors
+
 
 def _named(value: str, default_name: str) -> tuple[str, str]:
     """'NAME=PATH' or 'PATH' -> (name, path)."""
@@ -76,6 +78,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-shards", type=int, default=None,
                    help="stop after computing this many new shards (rerun to continue)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     args = p.parse_args(argv)
     if not (args.checkpoint or args.captions or args.texts):
         p.error("give at least one text source: --checkpoint, --captions or --texts")
@@ -93,7 +96,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, *, extractor: Any = None) -> int:
-    """CLI entry point. `extractor` (Python callers only) replaces --inception, e.g. in tests."""
+    """CLI entry point. `extractor` (Python callers only) replaces --inception, e.g. in tests.
+    A user error (a bad path, checkpoint, decoder, texts file) is one `error: ...` line, status 2."""
+    return errors.run_main(lambda a: _main(a, extractor), argv)
+
+
+def _main(argv: list[str], extractor: Any) -> int:
     args = _parse(argv)
     import jax.numpy as jnp
 
@@ -101,7 +109,6 @@ def main(argv: list[str] | None = None, *, extractor: Any = None) -> int:
     from dediffusion_jax.data.sources import source_from_spec
     from dediffusion_jax.evaluation import reconstruction as rc
     from dediffusion_jax.evaluation import text_sources as ts
-    from dediffusion_jax.inference import CheckpointError
 
     if extractor is None:
         if not args.inception:
@@ -110,11 +117,7 @@ def main(argv: list[str] | None = None, *, extractor: Any = None) -> int:
             return 2
         from dediffusion_jax.evaluation.inception import load_inception
 
-        try:
-            extractor = load_inception(args.inception)
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        extractor = load_inception(args.inception)  # a bad file: WeightsError, one line
     mesh = encode.default_mesh()
     start = time.perf_counter()
     try:
@@ -149,8 +152,10 @@ def main(argv: list[str] | None = None, *, extractor: Any = None) -> int:
     except rc.ProtocolStopped as e:
         print(f"{e} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
         return 0
-    except (FileNotFoundError, KeyError, ValueError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (KeyError, ValueError) as e:  # a bad --texts file, --images spec, ... (user errors)
+        if args.debug:
+            raise
+        print(f"error: {errors.message(e)}", file=sys.stderr)
         return 2
     best = ", ".join(f"{r['name']}: {r['best_fid']:.2f} @ {r['best_guidance']}"
                      for r in results["sources"] if r["best_fid"] is not None)

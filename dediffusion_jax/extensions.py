@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable
 from typing import Any
+from dediffusion_jax.errors import UserError
 
 
-class ExtensionError(ImportError):
+class ExtensionError(UserError, ImportError):
     """A module listed in config.imports cannot be imported."""
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dediffusion_jax import errors
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -31,6 +33,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", required=True, help="output folder for the PNGs")
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     args = p.parse_args(argv)
     if args.prompt_file:
         path = Path(args.prompt_file)
@@ -47,6 +50,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A user error (a bad decoder folder, an unwritable --out) is one `error: ...` line, status 2."""
+    return errors.run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = _parse(argv)
     import jax
     import jax.numpy as jnp
@@ -54,14 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from dediffusion_jax.parallel.mesh import make_mesh
     from dediffusion_jax.t2i import pipeline
-    from dediffusion_jax.t2i.convert import CheckpointMismatchError
-    from dediffusion_jax.t2i.folder import DecoderFolderError, load_decoder
+    from dediffusion_jax.t2i.folder import load_decoder
 
-    try:
-        decoder = load_decoder(args.decoder, dtype=getattr(jnp, args.dtype))
-    except (DecoderFolderError, CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    decoder = load_decoder(args.decoder, dtype=getattr(jnp, args.dtype))
     mesh = make_mesh({"data": -1}) if jax.device_count() > 1 else None
     print(
         f"decoder {decoder.path} ({'latent' if decoder.is_latent else 'pixel'}, "

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
+from dediffusion_jax.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Preferred single-file names in a folder (diffusers, transformers), before any other *.safetensors.
 SINGLE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that cannot be read: corrupt, truncated, or an inconsistent shard index."""
 
 

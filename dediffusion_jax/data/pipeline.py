@@ -29,7 +29,8 @@ import grain
 import numpy as np
 
 from dediffusion_jax.data.preprocess import CorruptExampleError, Preprocessor, PreprocessConfig
-from dediffusion_jax.data.sources import ImageSource
+from dediffusion_jax.data.sources import ImageSource, SourceSpecError
+from dediffusion_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ PreprocessFn = Callable[[Mapping[str, Any], np.random.Generator], Mapping[str, A
 
 SKIPPED_KEY = "_num_skipped"   # per-example count of corrupt examples dropped just before it
 LOG_FIRST_N_SKIPS = 10
+
+
+class DataSourceError(UserError, RuntimeError):
+    """Too many examples in a row failed to load: the source is wrong, not a few bad files."""
 
 
 class _Skipped:
@@ -94,7 +99,7 @@ class _DropSkippedIterator(grain.DatasetIterator):
                             "; further skips are only counted" if
                             self._logged == LOG_FIRST_N_SKIPS else "")
             if skipped >= self._max_consecutive:
-                raise RuntimeError(
+                raise DataSourceError(
                     f"{skipped} consecutive examples failed to load (last: {element.id}: "
                     f"{element.reason}); the source is probably wrong, not just a few bad files")
 
@@ -204,7 +209,7 @@ def make_dataset(source: ImageSource, *, global_batch_size: int, seed: int,
     n = len(source)
     shard_len = len(range(process_index, n, process_count))
     if shard_len < batch_size and drop_remainder:
-        raise ValueError(f"this process's shard has {shard_len} examples (of {n}), fewer than one "
+        raise SourceSpecError(f"this process's shard has {shard_len} examples (of {n}), fewer than one "
                          f"batch of {batch_size}")
     preprocess_fn = preprocess_fn or Preprocessor(PreprocessConfig())
 

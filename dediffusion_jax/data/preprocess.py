@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+from dediffusion_jax.errors import UserError
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -33,7 +34,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 89_478_485
 
 
-class CorruptExampleError(ValueError):
+class CorruptExampleError(UserError, ValueError):
     """An example that cannot be used (undecodable, truncated, absurd size): skip it, don't crash."""
 
 

@@ -23,7 +23,17 @@ from typing import Any, Protocol
 import msgpack
 import numpy as np
 
+from dediffusion_jax.errors import UserError
+
 DEFAULT_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+
+
+class SourceError(UserError, FileNotFoundError):
+    """A source the user named is missing or holds no images (a FileNotFoundError, as before)."""
+
+
+class SourceSpecError(UserError, ValueError):
+    """A data source spec that cannot be read (malformed, unknown prefix, a missing folder)."""
 
 
 class ImageSource(Protocol):
@@ -47,13 +57,13 @@ class ImageFolderSource:
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = DEFAULT_EXTENSIONS):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
+            raise SourceError(f"image folder {str(self.root)!r} does not exist")
         exts = {e.lower().lstrip(".") for e in extensions}
         paths = [p for p in self.root.rglob("*")
                  if p.suffix.lower().lstrip(".") in exts and p.is_file()]
         self._relpaths = sorted(p.relative_to(self.root).as_posix() for p in paths)
         if not self._relpaths:
-            raise FileNotFoundError(
+            raise SourceError(
                 f"no images with extensions {sorted(exts)} under {str(self.root)!r}")
 
     def __len__(self) -> int:
@@ -121,7 +131,7 @@ class ArrayRecordSource:
         for pattern in patterns:
             matched = sorted(glob_lib.glob(os.path.expanduser(str(pattern))))
             if not matched:
-                raise FileNotFoundError(f"no array_record files match {str(pattern)!r}")
+                raise SourceError(f"no array_record files match {str(pattern)!r}")
             files.extend(matched)
         self.paths = files
         self._source = grain.sources.ArrayRecordDataSource(files)
@@ -161,7 +171,7 @@ def _find_prepared_dir(name: str, data_dir: Path) -> Path:
                             key=lambda p: _version_key(p.name))
     if not candidates:
         pattern = root / (version or "<X.Y.Z>") / "dataset_info.json"
-        raise FileNotFoundError(
+        raise SourceError(
             f"tfds dataset {name!r} is not prepared under data_dir {str(data_dir)!r} (looked for "
             f"{str(pattern)!r}). Nothing is downloaded here: prepare it elsewhere with "
             f"`tfds build {base.split('/')[0]} --data_dir=DIR --file_format=array_record` "
@@ -196,7 +206,7 @@ class TfdsSource:
         builder = tfds.builder_from_directory(str(self.prepared_dir))
         features = builder.info.features
         if image_key not in features:
-            raise KeyError(f"{name} has no image feature {image_key!r}; features: {list(features)}")
+            raise SourceSpecError(f"{name} has no image feature {image_key!r}; features: {list(features)}")
         self.image_key = image_key
         self.id_key = next((k for k in id_keys if k in features), None)
         self.has_captions = "captions" in features
@@ -205,7 +215,7 @@ class TfdsSource:
             self._source = builder.as_data_source(
                 split, decoders={image_key: tfds.decode.SkipDecoding()})
         except NotImplementedError as e:
-            raise ValueError(
+            raise SourceSpecError(
                 f"{self.prepared_dir} is not in array_record format (random access needs it); "
                 f"rebuild with --file_format=array_record") from e
 
@@ -286,7 +296,7 @@ def registered_prefixes() -> tuple[str, ...]:
 def build_source(spec: str, config: Any = None) -> BuiltSource:
     """A spec -> BuiltSource: a registered prefix, or one of the built-in forms of SPEC_FORMS."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty source spec {spec!r}\n{spec_forms()}")
+        raise SourceSpecError(f"empty source spec {spec!r}\n{spec_forms()}")
     prefix, sep, rest = spec.strip().partition(":")
     if sep and prefix in _REGISTRY:
         return _REGISTRY[prefix](rest, config)
@@ -301,25 +311,25 @@ def spec_forms() -> str:
 def source_from_spec(spec: str) -> ImageSource:
     """Builds a source from a config string; see SPEC_FORMS (also shown in every error)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty source spec {spec!r}\n{SPEC_FORMS}")
+        raise SourceSpecError(f"empty source spec {spec!r}\n{SPEC_FORMS}")
     spec = spec.strip()
     if spec.startswith("tfds:"):
         m = _TFDS_SPEC.match(spec[len("tfds:"):])
         if not m:
-            raise ValueError(f"malformed tfds spec {spec!r}\n{SPEC_FORMS}")
+            raise SourceSpecError(f"malformed tfds spec {spec!r}\n{SPEC_FORMS}")
         name = m["name"] + (f":{m['version']}" if m["version"] else "")
         return TfdsSource(name, m["split"], m["data_dir"])
     if spec.startswith("arrayrecord:"):
         patterns = [p for p in spec[len("arrayrecord:"):].split(",") if p]
         if not patterns:
-            raise ValueError(f"arrayrecord spec without a path {spec!r}\n{SPEC_FORMS}")
+            raise SourceSpecError(f"arrayrecord spec without a path {spec!r}\n{SPEC_FORMS}")
         return ArrayRecordSource(patterns)
     if spec.startswith("folder:"):
         path = spec[len("folder:"):]
         if not Path(path).expanduser().is_dir():
-            raise ValueError(f"folder {path!r} does not exist\n{SPEC_FORMS}")
+            raise SourceSpecError(f"folder {path!r} does not exist\n{SPEC_FORMS}")
         return ImageFolderSource(path)
     if Path(spec).expanduser().is_dir():
         return ImageFolderSource(spec)
-    raise ValueError(f"unrecognised source spec {spec!r} (not a known prefix, not an existing "
+    raise SourceSpecError(f"unrecognised source spec {spec!r} (not a known prefix, not an existing "
                      f"directory)\n{SPEC_FORMS}")

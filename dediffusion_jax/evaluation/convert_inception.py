@@ -28,12 +28,14 @@ import sys
 from collections.abc import Sequence
 
 from dediffusion_jax.cli_flags import answer_help_early
+from dediffusion_jax import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="pt_inception-2015-12-05-6726825d.pth")
     parser.add_argument("--output", required=True, help="where to write the .safetensors file")
+    parser.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     return parser
 
 
@@ -92,7 +94,12 @@ def convert(
     return kept
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command; a user error (a bad path, file or value) is one `error: ...` line, status 2."""
+    return errors.run_main(_cli, argv)
+
+
+def _cli(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -108,4 +115,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
+from dediffusion_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -41,7 +42,7 @@ EvaluatorFactory = Callable[..., Evaluator]
 _REGISTRY: dict[str, EvaluatorFactory] = {}
 
 
-class EvaluatorConfigError(ValueError):
+class EvaluatorConfigError(UserError, ValueError):
     """config.evals names an unknown type or gives it arguments it does not take."""
 
 

@@ -23,12 +23,13 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from dediffusion_jax.errors import UserError
 
 STATS_FORMAT = "dediffusion_jax.FeatureStats"
 STATS_VERSION = 1
 
 
-class StatsFileError(ValueError):
+class StatsFileError(UserError, ValueError):
     """A .npz file is not a FeatureStats file (or is corrupt / inconsistent)."""
 
 

@@ -21,13 +21,14 @@ from typing import Any
 
 import numpy as np
 from flax import traverse_util
+from dediffusion_jax.errors import UserError
 
 # Torch module names that genuinely end in `_<digit>` and therefore must not be split into a list
 # index when mapping Flax names back to torch keys.
 LITERAL_UNDERSCORE_NAMES = frozenset({"linear_1", "linear_2"})
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint does not fit the module built from its config."""
 
 

@@ -32,11 +32,12 @@ import numpy as np
 
 from dediffusion_jax import weights
 from dediffusion_jax.t2i import clip_text, convert, schedules, unet, vae
+from dediffusion_jax.errors import UserError
 
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "scheduler")
 
 
-class DecoderFolderError(ValueError):
+class DecoderFolderError(UserError, ValueError):
     """A decoder folder is missing, incomplete, or holds something we refuse to load."""
 
 

@@ -25,13 +25,14 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from dediffusion_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "config", "decoder")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint exists but cannot be used (corrupt, incompatible, or a different decoder)."""
 
 
@@ -131,9 +132,14 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
     except Exception as e:  # noqa: BLE001 - a failed restore must stop the run, loudly
         raise CheckpointError(
             f"failed to restore checkpoint step {step} from {manager.directory}: "
-            f"{type(e).__name__}: {e}\nThe run stops rather than silently starting from scratch; "
-            f"delete that step's folder to fall back to an earlier one.") from e
+            f"{type(e).__name__}: {_first_line(e)} (the run stops rather than start from scratch; "
+            f"nothing was changed in the workdir)") from e
     return out["state"]
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -30,12 +30,14 @@ import ml_collections
 
 from dediffusion_jax import cli_flags
 from dediffusion_jax import config as config_lib
+from dediffusion_jax import errors
+from dediffusion_jax.errors import UserError
 
 USAGE = ("usage: python -m dediffusion_jax.train --config configs/EXP.py[:ARG] --workdir DIR "
          "[--config.KEY=VALUE ...]")
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A mistake in the command line or config: reported as one line, exit status 2."""
 
 
@@ -166,6 +168,7 @@ FLAGS_HELP = """flags:
                              tuple: --config.KEY='(a, b)')
   --coordinator_address H:P, --num_processes N, --process_id I
                              jax.distributed (multi-host; also from JAX_* variables or SLURM/MPI/TPU)
+  --debug                    a user error (bad path, file, value) with its traceback, not one line
   -h, --help                 this text; with --config FILE[:ARG], that file's arguments and values"""
 
 
@@ -233,7 +236,7 @@ def help_text(argv: list[str]) -> str:
             "arguments and values):\n" + schema_help())
 
 
-def _run(argv: list[str]) -> int:
+def _run(argv: list[str], debug: bool = False) -> int:
     from absl import app, flags, logging as absl_logging
     from ml_collections import config_flags
 
@@ -263,7 +266,7 @@ def _run(argv: list[str]) -> int:
         if cache != "off" and jax.process_count() == 1:
             jax.config.update("jax_compilation_cache_dir", str(Path(cache) / "jax_compilation_cache"))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        result["rc"] = run_training(flags_.config, flags_.workdir)
+        result["rc"] = run_training(flags_.config, flags_.workdir, debug=debug)
 
     # One reading of the overrides for the check above and for absl: each becomes one
     # `--config.KEY=VALUE` token, so `--config.remat false` cannot mean true to absl.
@@ -281,8 +284,10 @@ def _run(argv: list[str]) -> int:
     return result["rc"]
 
 
-def run_training(config: ml_collections.ConfigDict, workdir: str) -> int:
-    """train_and_evaluate with user errors as one line (2) and checkpoint errors as one line (1)."""
+def run_training(config: ml_collections.ConfigDict, workdir: str, debug: bool = False) -> int:
+    """train_and_evaluate with user errors as one `error: ...` line: status 2, or 1 for a checkpoint
+    that cannot be used (CheckpointError). A ValueError counts as the user's here (config
+    values that do not fit: data spec, batch vs mesh, context, ...). `debug`: tracebacks instead."""
     from dediffusion_jax.t2i.folder import DecoderFolderError
     from dediffusion_jax.train import checkpoint as ckpt_lib
     from dediffusion_jax.train import loop
@@ -290,17 +295,14 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> int:
     try:
         decoder = loop.load_decoder_for(config)
         loop.train_and_evaluate(config, workdir, decoder=decoder)
-    except DecoderFolderError as e:
-        print(f"error: invalid decoder (config.decoder.path={config.decoder.path!r}): {e}",
-              file=sys.stderr)
-        return 2
-    except ckpt_lib.CheckpointError as e:
-        logging.getLogger(__name__).error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # config values that do not fit (data spec, batch vs mesh, context, ...)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is the user's
+        if debug or not (errors.is_user_error(e) or isinstance(e, ValueError)):
+            raise
+        text = errors.message(e)
+        if isinstance(e, DecoderFolderError):
+            text = f"invalid decoder (config.decoder.path={config.decoder.path!r}): {text}"
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        return 1 if isinstance(e, ckpt_lib.CheckpointError) else 2
     return 0
 
 
@@ -315,9 +317,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    debug = errors.debug_requested(argv[1:])
+    argv = [a for a in argv if a != errors.DEBUG_FLAG]
     try:
         validate_command_line(argv[1:])
     except UsageError as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return _run(argv)
+    return _run(argv, debug)

@@ -27,6 +27,7 @@ import optax
 from flax import traverse_util
 
 from projects.miniworld import scenes as S
+from dediffusion_jax import errors
 
 DEFAULT_DIR = Path(__file__).with_name("assets") / "classifier"
 Params = Any
@@ -244,7 +245,12 @@ def load_classifier(path: str | Path | None = None) -> tuple[Params, ClassifierC
     return params, config
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error (a bad path, file or value) is one `error: ...` line, status 2."""
+    return errors.run_main(_cli, argv)
+
+
+def _cli(argv: list[str] | None = None) -> None:
     import argparse
 
     from projects.miniworld import metrics
@@ -257,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
     p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     a = p.parse_args(argv)
     t0 = time.time()
     params = train_classifier(a.steps, a.batch, a.seed, a.lr, workdir=a.workdir, stop_after_steps=a.stop_after_steps)
@@ -273,4 +280,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

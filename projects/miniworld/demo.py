@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from dediffusion_jax import errors
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
@@ -46,6 +48,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="classifier-free guidance; 3 binds attributes better (assets/decoder/README.md) "
                         "but doubles the evaluation time, which would break the 15-minute budget")
     p.add_argument("--decoder", default=str(DECODER_DIR))
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     return p.parse_args(argv)
 
 
@@ -54,6 +57,11 @@ def _say(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a user error (a bad path, file or value) is one `error: ...` line, status 2."""
+    return errors.run_main(_cli, argv)
+
+
+def _cli(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     start = time.time()
     workdir = Path(args.workdir).resolve()

@@ -33,6 +33,7 @@ import optax
 from projects.miniworld import captions, scenes
 from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.models import vit
+from dediffusion_jax import errors
 from dediffusion_jax.t2i import clip_text, convert
 
 DEFAULT_DIR = Path(__file__).with_name("assets") / "backbone"
@@ -242,6 +243,11 @@ def load_world_clip(folder: str | Path = DEFAULT_DIR) -> tuple[WorldCLIP, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a user error (a bad path, file or value) is one `error: ...` line, status 2."""
+    return errors.run_main(_cli, argv)
+
+
+def _cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m projects.miniworld.pretrain_backbone",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_DIR))
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
     p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     args = p.parse_args(argv)
     start = time.time()
     trainer = Pretrainer(args.steps, args.batch, args.lr, args.seed)

@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dediffusion_jax.cli_flags import answer_help_early
+from dediffusion_jax import errors
 
 DEFAULT_DECODER = Path(__file__).resolve().parent / "assets" / "decoder"
 TEXT_SET_NAMES = ("default", "shapes")
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the scene's words (slot_word_mass)")
     p.add_argument("--contrast", action="store_true",
                    help=f"instead: how much the text states move per word swap in {CONTRAST_CAPTION!r}")
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     return p
 
 
@@ -294,6 +296,11 @@ def de_diffusion_texts(workdir: str | Path, indices: Sequence[int]) -> tuple[Loa
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a user error (a bad path, file or value) is one `error: ...` line, status 2."""
+    return errors.run_main(_cli, argv)
+
+
+def _cli(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     indices = scenes.evaluation_indices(args.scenes)

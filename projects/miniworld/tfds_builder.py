@@ -31,6 +31,7 @@ import os
 import sys
 
 from dediffusion_jax.cli_flags import answer_help_early
+from dediffusion_jax import errors
 
 DEFAULT_NUM_TRAIN = 16384
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", required=True, help="tfds data_dir to write into")
     p.add_argument("--num_train", type=int, default=DEFAULT_NUM_TRAIN,
                    help=f"train split size (default {DEFAULT_NUM_TRAIN})")
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     return p
 
 
@@ -133,6 +135,11 @@ def build_mini_world(data_dir: str | os.PathLike, num_train: int = DEFAULT_NUM_T
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a user error (a bad path, file or value) is one `error: ...` line, status 2."""
+    return errors.run_main(_cli, argv)
+
+
+def _cli(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     print(f"building mini_world (train {args.num_train}, heldout "
