@@ -231,3 +231,11 @@ def test_pretrain_backbone_reports_a_bad_workdir_in_one_line(tmp_path, capsys):
     assert pretrain_backbone.main(["--workdir", str(a_file), "--steps", "1", "--batch", "2",
                                    "--out", str(tmp_path / "b")]) == 2
     assert str(a_file) in one_error_line(capsys)
+
+
+def test_pretrain_decoder_reports_a_missing_init_folder_in_one_line(tmp_path, capsys):
+    from projects.miniworld import pretrain_decoder
+
+    assert pretrain_decoder.main(["--workdir", str(tmp_path / "w"), "--steps", "1", "--batch", "2",
+                                  "--init-from", str(tmp_path / "no_decoder")]) == 2
+    assert str(tmp_path / "no_decoder") in one_error_line(capsys)

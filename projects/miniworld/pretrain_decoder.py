@@ -40,6 +40,7 @@ from projects.miniworld import captions, scenes
 from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.t2i import clip_text, schedules, unet
 from dediffusion_jax.t2i.folder import DecoderSpec, LoadedDecoder, save_decoder
+from dediffusion_jax import errors
 
 TEXT_CONFIG = {
     "hidden_size": 128,
@@ -137,7 +138,7 @@ def token_mixing_for_step(seed: int, step: int, ids: np.ndarray, p_mix: float, t
     return words[rng.integers(0, len(words), ids.shape)].astype(ids.dtype), weights
 
 
-class TextTowerError(ValueError):
+class TextTowerError(errors.UserError, ValueError):
     """A --text-encoder-from checkpoint that does not fit the decoder's text encoder."""
 
 
@@ -361,6 +362,11 @@ def export(trainer: Trainer, params: Any, out: Path, info: dict, weights_dtype: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a user error (a bad path, file or value) is one `error: ...` line, status 2."""
+    return errors.run_main(_cli, argv)
+
+
+def _cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--steps", type=int, default=12000, help="total steps (sets the lr decay)")
@@ -390,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-dtype", default="float16", choices=("float16", "float32"),
                    help="weights dtype of the exported folder (float16 halves it; loading upcasts)")
     p.add_argument("--gate-guidance", default="3", help="guidance scales of the gate evaluation, e.g. 1,1.5,2,3")
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     args = p.parse_args(argv)
 
     workdir = Path(args.workdir)
