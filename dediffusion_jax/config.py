@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Encoder backbone. ABLATIONS: backbone.init='' = random init; backbone.frozen=False trains it.
     c.backbone = ml_collections.ConfigDict(dict(
         variant="B/16", image_size=224, init="", frozen=True,
+        # The backbone view's normalisation, (x/255 - mean) / std; () = the backbone's own
+        # (its folder's preprocessor_config.json, else CLIP's): models/build.backbone_normalisation.
+        mean=(), std=(),
         # 0 = keep the variant's value; used by small local configs.
         overrides=ml_collections.ConfigDict(dict(
             hidden_size=0, num_layers=0, num_heads=0, mlp_dim=0)),
@@ -105,6 +108,9 @@ FIELD_DOCS: dict[str, str] = {
     "backbone.image_size": "image size the backbone sees (pixels)",
     "backbone.init": "a transformers CLIPVisionModel folder to load; '' = random init (ablation)",
     "backbone.frozen": "keep the backbone frozen (the paper); False trains it",
+    "backbone.mean": "view normalisation mean (RGB, [0,1] units); () = the backbone's own (its folder's "
+                     "preprocessor_config.json, else CLIP's)",
+    "backbone.std": "view normalisation std; () = the backbone's own (as backbone.mean)",
     "backbone.overrides.hidden_size": "0 = the variant's width; else this width (small local configs)",
     "backbone.overrides.num_layers": "0 = the variant's depth; else this depth",
     "backbone.overrides.num_heads": "0 = the variant's heads; else this many",
@@ -167,6 +173,7 @@ FIELD_DOCS: dict[str, str] = {
 # the field must contain.
 TUPLE_ITEM_TYPES: dict[str, type] = {
     "imports": str, "vocab.exclude_tokens": str, "vocab.only_tokens": str,
+    "backbone.mean": float, "backbone.std": float,
     "loss.timestep_range": float, "loss.timestep_range_final": float, "optimizer.wd_include": str,
 }
 

@@ -33,8 +33,7 @@ from typing import Any
 import numpy as np
 
 from dediffusion_jax import weights
-from dediffusion_jax.data.preprocess import (CLIP_MEAN, CLIP_STD, PreprocessConfig, decode_image,
-                                             two_views)
+from dediffusion_jax.data.preprocess import PreprocessConfig, decode_image, two_views
 from dediffusion_jax.train.checkpoint import (CheckpointError, DecoderMismatchError,
                                               resolve_checkpoint_path)
 
@@ -56,22 +55,17 @@ def _one_line(e: BaseException) -> str:
 def preprocess_config_for(config: Any) -> PreprocessConfig:
     """The backbone view of a training config: `backbone.image_size`, centre square, no augment.
 
-    The normalisation is the one the run trained with (`data.preprocess.backbone_mean/std` when the
-    config has them, else CLIP's, the pipeline's default). The decoder view is not needed here,
-    so it is made as small as the backbone view (it is computed and dropped).
+    The normalisation is the backbone's, as the run trained with it (models/build.
+    backbone_normalisation: the recorded backbone.mean/std, an older run's data.preprocess values,
+    the backbone folder's, else CLIP's). The decoder view is not needed here, so it is made as
+    small as the backbone view (it is computed and dropped).
     """
+    from dediffusion_jax.models import build
+
     size = int(config.backbone.image_size)
-    pre = {}
-    data = config.get("data", None) if hasattr(config, "get") else None
-    if data is not None and hasattr(data, "get") and data.get("preprocess", None) is not None:
-        pre = dict(data.preprocess)
-    return PreprocessConfig(
-        backbone_size=size,
-        backbone_mean=tuple(pre.get("backbone_mean", CLIP_MEAN)),
-        backbone_std=tuple(pre.get("backbone_std", CLIP_STD)),
-        decoder_size=size,
-        augment=False,
-    )
+    mean, std = build.backbone_normalisation(config)
+    return PreprocessConfig(backbone_size=size, backbone_mean=mean, backbone_std=std,
+                            decoder_size=size, augment=False)
 
 
 def is_exported(path: str | os.PathLike) -> bool:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dediffusion_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from dediffusion_jax.models import quantizer, vit
 from dediffusion_jax.models.dediffusion import DeDiffusion
 from dediffusion_jax.models.encoder import DeDiffusionEncoder, EncoderConfig
@@ -51,6 +52,40 @@ def build_backbone(config: ml_collections.ConfigDict,
             vit_config = dataclasses.replace(vit_config, **overrides)
     dtype = jnp.dtype(config.get("dtype", "float32"))
     return vit.ViT(vit_config, dtype=dtype, remat=bool(config.get("remat", False))), pretrained
+
+
+def backbone_normalisation(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std), in [0, 1] pixel units, of the backbone view: what the BACKBONE expects.
+
+    config.backbone.mean/std when set; else (runs from before these fields) data.preprocess.
+    backbone_mean/std; else the backbone folder's preprocessor_config.json (backbone.init); else
+    CLIP's, the paper's towers (and a random-init ViT's default).
+    """
+    b = config.backbone
+    mean, std = tuple(b.get("mean", ()) or ()), tuple(b.get("std", ()) or ())
+    if mean and std:
+        return tuple(map(float, mean)), tuple(map(float, std))
+    data = config.get("data", None)
+    pre = data.get("preprocess", None) if data is not None else None
+    if pre is not None and pre.get("backbone_mean", None) and pre.get("backbone_std", None):
+        return tuple(map(float, pre.backbone_mean)), tuple(map(float, pre.backbone_std))
+    if b.get("init"):
+        found = vit.read_normalisation(b.init)
+        if found is not None:
+            return found
+    return CLIP_MEAN, CLIP_STD
+
+
+def with_backbone_normalisation(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with backbone.mean/std resolved (`backbone_normalisation`): what a run
+    records in its checkpoint, so inference normalises as training did without the backbone folder."""
+    mean, std = backbone_normalisation(config)
+    out = ml_collections.ConfigDict(config.to_dict())
+    with out.unlocked():
+        out.backbone.mean, out.backbone.std = mean, std
+    if config.is_locked:
+        out.lock()
+    return out
 
 
 def build_model(

@@ -286,6 +286,23 @@ def _read_state(path: Path) -> tuple[dict[str, np.ndarray], Path]:
     return weights.read(path, convert=weights.save_pretrained_command(folder)), folder
 
 
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # transformers' CLIPImageProcessor file
+
+
+def read_normalisation(folder_or_file: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(image_mean, image_std) in [0, 1] units that a CLIP folder's preprocessor_config.json records
+    (what the tower was trained to see), or None when the folder has none."""
+    path = Path(folder_or_file).expanduser()
+    file = (path if path.is_dir() else path.parent) / PREPROCESSOR_CONFIG
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+    mean, std = data.get("image_mean"), data.get("image_std")
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3):
+        raise ValueError(f"{file}: image_mean and image_std must be lists of 3 numbers")
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+
 def load_clip_vision(folder_or_file: str | Path, image_size: int | None = None) -> tuple[ViTConfig, dict]:
     """Loads a transformers CLIP vision tower (folder with config.json + model.safetensors, or the
     .safetensors file next to its config.json; a full CLIPModel checkpoint works too).

@@ -111,9 +111,10 @@ def make_data(config: ml_collections.ConfigDict, decoder: LoadedDecoder, *,
     if preprocess_fn is None:
         p = dict(config.data.preprocess)
         p.pop("decoder_size", None)
+        mean, std = model_build.backbone_normalisation(config)  # what the backbone expects
         preprocess_fn = preprocess.Preprocessor(preprocess.PreprocessConfig.from_dict(
-            {**p, "backbone_size": int(config.backbone.image_size),
-             "decoder_size": _decoder_view_size(config, decoder)}))
+            {**p, "backbone_size": int(config.backbone.image_size), "backbone_mean": mean,
+             "backbone_std": std, "decoder_size": _decoder_view_size(config, decoder)}))
     return pipeline.make_dataset(
         source, global_batch_size=int(config.batch_size), seed=int(config.seed),
         shuffle=bool(config.data.shuffle), worker_count=int(config.data.worker_count),
@@ -163,6 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     Raises CheckpointError (corrupt restore, other decoder) and DecoderFolderError (bad path).
     """
     workdir = Path(workdir).expanduser().resolve()
+    config = model_build.with_backbone_normalisation(config)  # recorded with the checkpoints
     multihost.initialize_distributed()
     decoder = decoder if decoder is not None else load_decoder_for(config)
     mesh = _mesh_from_config(config)

@@ -199,6 +199,12 @@ def clip_model_config(text_config: clip_text.CLIPTextConfig) -> dict:
             "text_config": text_config.to_dict(), "vision_config": VISION_CONFIG.to_dict()}
 
 
+WORLD_PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_normalize": True,
+                      "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                      "size": {"shortest_edge": scenes.IMAGE_SIZE},
+                      "crop_size": {"height": scenes.IMAGE_SIZE, "width": scenes.IMAGE_SIZE}}
+
+
 def save_world_clip(params: Any, text_config: clip_text.CLIPTextConfig, out: str | Path, info: dict) -> Path:
     """A transformers CLIPModel folder (config.json + model.safetensors + TRAINING.json).
 
@@ -216,6 +222,9 @@ def save_world_clip(params: Any, text_config: clip_text.CLIPTextConfig, out: str
     state["logit_scale"] = np.asarray(p["logit_scale"], np.float32)
     weights.save({k: np.asarray(v, np.float32) for k, v in sorted(state.items())}, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(clip_model_config(text_config), indent=2) + "\n")
+    # The images it was trained on are the world's, in [-1, 1]: (x/255 - 0.5) / 0.5. Recorded as
+    # transformers' CLIPImageProcessor does, so a De-Diffusion run normalises its views the same way.
+    (out / vit.PREPROCESSOR_CONFIG).write_text(json.dumps(WORLD_PREPROCESSOR, indent=2) + "\n")
     (out / "TRAINING.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out
 

@@ -54,6 +54,8 @@ def get_config(arg: str | None = None):
     backbone = args.backbone
     c.backbone.init = "" if backbone == "scratch" else WORLD_BACKBONE if backbone == "world" else backbone
     c.backbone.frozen = backbone != "scratch"
+    if backbone == "scratch":  # no folder to say it: the world's own range, [-1, 1]
+        c.backbone.mean, c.backbone.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     c.backbone.overrides.update(dict(hidden_size=128, num_layers=3, num_heads=4, mlp_dim=512))
     c.encoder.update(dict(num_queries=args.tokens,
                           pooler_blocks=args.depth,
@@ -102,11 +104,11 @@ def get_config(arg: str | None = None):
     c.batch_size = 32
     c.data.source = "miniworld:train"
     if args.data:
-        # Same views as MiniWorldViews: both are the 16x16 image in [-1, 1] (mean = std = 0.5 makes the
-        # backbone normalisation (x/255 - 0.5) / 0.5; a 16 -> 16 resize is an exact copy), no augmentation.
+        # Same views as MiniWorldViews: both are the 16x16 image in [-1, 1] (the world backbone's
+        # preprocessor_config.json normalises (x/255 - 0.5) / 0.5, as any folder or tfds source does;
+        # a 16 -> 16 resize is an exact copy), no augmentation.
         c.data.source = f"tfds:mini_world:train@{args.data}"
-        c.data.preprocess.update(dict(augment=False, decoder_size=0,  # 0: the decoder's size (16)
-                                      backbone_mean=(0.5, 0.5, 0.5), backbone_std=(0.5, 0.5, 0.5)))
+        c.data.preprocess.update(dict(augment=False, decoder_size=0))  # 0: the decoder's size (16)
     c.data.read_threads = 1
     c.mesh.data = -1
     c.checkpoint.update(dict(every_steps=500, keep=2))
