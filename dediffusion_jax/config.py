@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
         num_samples=4,
         tensorboard=True,
     ))
+    # A resumed run refuses a config that changes the optimisation or the data stream (issue 17);
+    # the keys listed here (comma-separated, e.g. "total_steps,lr.peak") are changed on purpose.
+    c.resume = ml_collections.ConfigDict(dict(allow_changes=""))
     return c
 
 
@@ -167,6 +170,8 @@ FIELD_DOCS: dict[str, str] = {
     "log.samples_every": "De-Diffusion texts of a few fixed images -> samples.jsonl every this many steps",
     "log.num_samples": "images whose texts are logged",
     "log.tensorboard": "write TensorBoard event files",
+    "resume.allow_changes": "config keys a resume may change on purpose, comma-separated (e.g. "
+                            "total_steps,lr.peak); any other change is refused; recorded in history.jsonl",
 }
 
 # Item type of the tuple fields (an empty default does not say it): what a command-line override of

@@ -158,7 +158,8 @@ def test_a_corrupt_checkpoint_is_an_error_not_a_fresh_start(reference, decoder_d
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"garbage" * 3)
     with pytest.raises(ckpt_lib.CheckpointError, match="failed to restore checkpoint step 24"):
-        loop.train_and_evaluate(tiny_config(decoder_dir, total_steps=TOTAL + 2), workdir)
+        loop.train_and_evaluate(tiny_config(decoder_dir, **{"total_steps": TOTAL + 2,
+                                                            "resume.allow_changes": "total_steps"}), workdir)
     assert max(losses_of(workdir)) == TOTAL  # nothing was trained from scratch
 
 
@@ -168,3 +169,29 @@ def test_a_different_decoder_is_refused(reference, tmp_path):
     other = write_decoder(tmp_path / "other_decoder", seed=1)
     with pytest.raises(ckpt_lib.DecoderMismatchError, match="weights hash"):
         loop.train_and_evaluate(tiny_config(other, total_steps=TOTAL + 2), workdir)
+
+
+def test_a_resume_with_another_config_is_refused_naming_each_change(reference, decoder_dir, tmp_path):
+    """Another batch size, learning rate or number of tokens is refused in one line BEFORE orbax
+    reads the state (no shape error, no advice to delete anything); logging changes are free."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    changed = {"batch_size": 16, "lr.peak": 0.5, "encoder.num_queries": 7, "log.progress_every": 1}
+    with pytest.raises(ckpt_lib.ConfigChangedError) as info:
+        loop.train_and_evaluate(tiny_config(decoder_dir, **changed), workdir)
+    message = str(info.value)
+    assert "\n" not in message and "delete" not in message.lower()
+    assert "batch_size: 8 -> 16" in message and "encoder.num_queries: 6 -> 7" in message
+    assert "lr.peak: 0.001 -> 0.5" in message and "progress_every" not in message
+    assert "--config.resume.allow_changes=batch_size,encoder.num_queries,lr.peak" in message
+    assert max(losses_of(workdir)) == TOTAL  # nothing trained
+
+    # Extending the run on purpose: accepted, recorded in history.jsonl, config.json updated.
+    summary = loop.train_and_evaluate(tiny_config(decoder_dir, **{
+        "total_steps": TOTAL + 2, "resume.allow_changes": "total_steps", "log.samples_every": 0}),
+        workdir)
+    assert summary["start_step"] == TOTAL and summary["step"] == TOTAL + 2
+    history = [json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines()]
+    assert [h["event"] for h in history] == ["start", "resume"]
+    assert history[-1]["step"] == TOTAL and history[-1]["config_changes"] == {"total_steps": [TOTAL, TOTAL + 2]}
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == TOTAL + 2

@@ -161,3 +161,62 @@ def resolve_checkpoint_path(path: str | Path) -> tuple[Path, int]:
             return p, steps[-1]
     raise CheckpointError(
         f"{p} is neither a run workdir with checkpoints nor WORKDIR/checkpoints/STEP")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The resume guard: a resumed run must be the run that was checkpointed.
+
+
+class ConfigChangedError(CheckpointError):
+    """A resumed run's config differs from its checkpoint's in fields that change the training."""
+
+
+def flat_json(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'lr.peak': 0.001, ...}: the leaves of a JSON dict (lists/tuples as lists, via JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in json.loads(json.dumps(tree, default=str)).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_json(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _covered(key: str, patterns: tuple[str, ...]) -> bool:
+    """`key` is one of `patterns` or inside one of them (a group: 'log' covers 'log.every_steps')."""
+    return any(key == p or key.startswith(p.rstrip(".") + ".") for p in patterns if p)
+
+
+_ABSENT = "(absent)"
+
+
+def config_changes(saved: dict, current: dict, free: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """{key: (checkpoint's value, this run's value)} for every field that differs, `free` ones aside."""
+    old, new = flat_json(saved), flat_json(current)
+    return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
+            if old.get(k, _ABSENT) != new.get(k, _ABSENT) and not _covered(k, free)}
+
+
+def check_config(saved: dict, current: dict, *, step: int, directory: Any, free: tuple[str, ...] = (),
+                 allowed: tuple[str, ...] = (), opt_in: str = "--config.resume.allow_changes"
+                 ) -> dict[str, tuple[Any, Any]]:
+    """The changes a resume accepts (those in `allowed`); ConfigChangedError naming every other one.
+
+    `free`: fields that never matter to the training (logging, how often to save, evaluators).
+    """
+    changes = config_changes(saved, current, free)
+    refused = {k: v for k, v in changes.items() if not _covered(k, allowed)}
+    if refused:
+        listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in refused.items())
+        raise ConfigChangedError(
+            f"the checkpoint at step {step} in {directory} was trained with another config ({listed}); "
+            f"resuming would change the optimisation or the data stream mid-run. Run with the "
+            f"checkpoint's values, accept the change with {opt_in}={','.join(refused)} (recorded in "
+            f"the workdir's history.jsonl), or train in a new workdir")
+    return changes
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value) if value is not _ABSENT else value
+    return text if len(text) <= width else text[:width - 3] + "..."

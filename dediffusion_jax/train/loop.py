@@ -41,6 +41,11 @@ from dediffusion_jax.evaluation import evaluators as evaluators_lib
 log = logging.getLogger(__name__)
 
 DEVICE_KEYS = ("backbone", "decoder")  # batch fields the step reads; ids/captions stay on the host
+# Config fields a resumed run may change freely: they alter neither the optimisation nor the data
+# stream (logging, how often and how many checkpoints, evaluators, the mesh layout, the decoder's
+# location: its weights hash is checked separately). Anything else needs resume.allow_changes.
+FREE_ON_RESUME = ("log", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save", "evals",
+                  "resume", "mesh", "decoder.path", "data.read_threads")
 
 
 @dataclasses.dataclass
@@ -174,8 +179,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         total_steps=int(config.total_steps), log_every=int(config.log.every_steps),
         progress_every=int(config.log.progress_every), checkpoint_every=int(config.checkpoint.every_steps),
         keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save),
-        tensorboard=bool(config.log.tensorboard))
+        tensorboard=bool(config.log.tensorboard),
+        allow_changes=allowed_changes(config))
     return trainer_lib.Trainer(task, workdir, settings, mesh).run()
+
+
+def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """config.resume.allow_changes as a tuple of keys."""
+    text = str(config.get("resume", {}).get("allow_changes", ""))
+    return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
 class EncoderView:
@@ -254,6 +266,8 @@ def de_diffusion_task(config: ml_collections.ConfigDict, decoder: LoadedDecoder,
         check_checkpoint=check,
         after_step=after_step,
         on_fresh_start=on_fresh_start,
+        config_item="config",
+        free_keys=FREE_ON_RESUME,
     )
 
 

@@ -70,7 +70,13 @@ class Task:
                    before a restore (e.g. DecoderMismatchError).
     after_step:    (step, state, frozen, local_batch, device_batch, writer) -> None on every process
                    after each step (e.g. sample texts); writer only writes on process 0.
-    on_fresh_start: () -> None on process 0 when the run starts from scratch (e.g. write config.json).
+    on_fresh_start: () -> None on process 0 when the run starts from scratch, and after a resume that
+                   accepted config changes (e.g. write config.json).
+    config_item:   the JSON item (of checkpoint_json) holding the run's config: a resume compares it
+                   with the checkpoint's and refuses a change outside `free_keys` and
+                   Settings.allow_changes (ConfigChangedError, one line naming each key). None: no check.
+    free_keys:     config keys or groups ('log') that may change on a resume: logging, how often to
+                   save, evaluators; nothing that alters the optimisation or the data stream.
     """
 
     init: Callable[[jax.Array, Any], Any]
@@ -91,6 +97,8 @@ class Task:
     check_checkpoint: Callable[[Callable[[str], dict], int], None] | None = None
     after_step: Callable[..., None] | None = None
     on_fresh_start: Callable[[], None] | None = None
+    config_item: str | None = None
+    free_keys: tuple[str, ...] = ()
 
     @property
     def json_items(self) -> tuple[str, ...]:
@@ -111,6 +119,8 @@ class Settings:
     tensorboard: bool = True
     stop_after_steps: int = 0          # this invocation saves and returns after N steps (0: no limit)
     stop_after_minutes: float = 0.0    # ... or after this many minutes (0: no limit)
+    allow_changes: tuple[str, ...] = ()  # config keys a resume may change (the user's opt-in)
+    allow_changes_flag: str = "--config.resume.allow_changes"  # how the user opts in (error text)
 
 
 class StepIndexedIterator(Iterator):
@@ -286,6 +296,26 @@ class Trainer:
         if self.task.check_checkpoint is not None:
             self.task.check_checkpoint(lambda item: ckpt_lib.read_json(manager, step, item), step)
 
+    def _check_config(self, manager, step: int) -> dict[str, tuple[Any, Any]]:
+        """The config changes this resume accepts; ConfigChangedError for any other."""
+        item = self.task.config_item
+        if item is None or self.task.checkpoint_json is None:
+            return {}
+        return ckpt_lib.check_config(
+            ckpt_lib.read_json(manager, step, item), self.task.checkpoint_json()[item], step=step,
+            directory=manager.directory, free=tuple(self.task.free_keys),
+            allowed=tuple(self.settings.allow_changes), opt_in=self.settings.allow_changes_flag)
+
+    def _record(self, event: str, step: int, **extra: Any) -> None:
+        """One line of WORKDIR/history.jsonl: every start and resume, with the changes it accepted."""
+        import os
+        import socket
+
+        row = {"event": event, "step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "host": socket.gethostname(), "pid": os.getpid(), **extra}
+        with open(self.workdir / "history.jsonl", "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
     def run(self) -> dict[str, Any]:
         task, settings, mesh = self.task, self.settings, self.mesh
         is_main = jax.process_index() == 0
@@ -304,8 +334,10 @@ class Trainer:
         manager = self._manager()
         data_iter = task.data
         latest = manager.latest_step()
+        accepted: dict[str, tuple[Any, Any]] = {}
         if latest is not None:
             self._check(manager, latest)
+            accepted = self._check_config(manager, latest)
             state = ckpt_lib.restore(manager, latest, ckpt_lib.abstract_with_shardings(abstract, state_sh),
                                      data_iter)
             log.info("resumed from step %d of %s", int(jax.device_get(step_of(state))), manager.directory)
@@ -319,6 +351,14 @@ class Trainer:
             if is_main and task.on_fresh_start is not None:
                 task.on_fresh_start()
         start_step = int(jax.device_get(step_of(state)))
+        if is_main:
+            if accepted:
+                log.warning("resuming with config changes (accepted): %s", "; ".join(
+                    f"{k}: {a} -> {b}" for k, (a, b) in accepted.items()))
+                if task.on_fresh_start is not None:
+                    task.on_fresh_start()  # config.json shows the values the run goes on with
+            self._record("resume" if latest is not None else "start", start_step,
+                         **({"config_changes": {k: list(v) for k, v in accepted.items()}} if accepted else {}))
 
         # The step, compiled ahead of time for the global batch shape, the state donated.
         rng = jax.jit(lambda: jax.random.key(task.rng_seed), out_shardings=replicated(mesh))()
