@@ -41,6 +41,10 @@ def test_attribute_scores_equal_scoring_the_redrawn_images_directly(decoder, res
     for attribute in metrics.ATTRIBUTES:
         assert rows["full"][attribute] == pytest.approx(direct[attribute], abs=1e-12), attribute
     assert np.isfinite(rows["full"]["world_fid"]) and rows["full"]["world_fid"] >= 0
+    table = evaluator.markdown_table(res).splitlines()
+    assert table[0] == "| text source | world-FID ↓ | " + " | ".join(metrics.ATTRIBUTES) + " |"
+    assert table[2] == (f"| full | {rows['full']['world_fid']:.1f} | "
+                        + " | ".join(f"{rows['full'][a]:.3f}" for a in metrics.ATTRIBUTES) + " |")
 
 
 def test_scorer_counts_pool_over_shards(tmp_path):

@@ -50,6 +50,24 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def scores_table(results: dict[str, Any], guidance: str | None = None, *, fid_label: str = "FID ↓",
+                 metrics: Sequence[str] | None = None, fid_digits: int = 2) -> str:
+    """One guidance scale of a protocol run with an image scorer: a row per text source with its FID
+    (lower is better) and each scored metric (default: all, in the order the scorer returned them)."""
+    g = guidance or results["guidance_scales"][0]
+    rows = results["sources"]
+    metrics = list(metrics or (rows[0].get("scores", {}).get(g, {}) if rows else {}))
+    lines = ["| text source | " + " | ".join([fid_label, *metrics]) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for row in rows:
+        scores = row.get("scores", {}).get(g, {})
+        fid = row["fid"].get(g)
+        cells = [f"{fid:.{fid_digits}f}" if fid is not None and math.isfinite(fid) else "n/a"]
+        cells += [f"{scores[m]:.3f}" if m in scores else "n/a" for m in metrics]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def save_grid(path: str | os.PathLike, originals: Sequence[np.ndarray],
               columns: Sequence[Sequence[np.ndarray]], labels: Sequence[str]) -> Path:
     """A PNG grid: one row per image, columns original | each text source; labelled header."""

@@ -115,7 +115,7 @@ def _cli(argv: list[str] | None = None) -> int:
     }
     grid = workdir / "world_eval" / "grid.png"
 
-    table = evaluator.markdown_table(rows)
+    table = evaluator.markdown_table(results)
     lines = [
         f"Held-out scenes: {len(indices)}; decoder {decoder_dir}; {args.ddim_steps} DDIM steps, "
         f"guidance {args.guidance}; world-FID = Fréchet distance in the attribute classifier's "

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dediffusion_jax.evaluation import evaluators, reconstruction
+from dediffusion_jax.evaluation import evaluators, reconstruction, report
 from projects.miniworld import captions, classifier, metrics, scenes
 
 ATTRIBUTES = metrics.ATTRIBUTES
@@ -157,14 +157,9 @@ def text_statistics(texts: Sequence[str], indices: Sequence[int]) -> dict[str, f
     return {k: float(np.mean([p[k] for p in per])) for k in per[0]} if per else {}
 
 
-def markdown_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+def markdown_table(results: Mapping[str, Any]) -> str:
     """Rows: text sources; columns: world-FID (lower is better) then attribute accuracies."""
-    head = "| text source | world-FID ↓ | " + " | ".join(ATTRIBUTES) + " |"
-    lines = [head, "|---|---|" + "---|" * len(ATTRIBUTES)]
-    for name, r in rows.items():
-        cells = " | ".join(f"{r[a]:.3f}" for a in ATTRIBUTES)
-        lines.append(f"| {name} | {r['world_fid']:.1f} | {cells} |")
-    return "\n".join(lines)
+    return report.scores_table(dict(results), fid_label="world-FID ↓", metrics=ATTRIBUTES, fid_digits=1)
 
 
 def scalar_key(source_name: str) -> str:
