@@ -113,10 +113,13 @@ def test_config_files_declare_their_arguments():
     # `train --config FILE --help` lists a file's ARGS; get_config() is get_config(its defaults).
     for path, expected in [(PAPER, {"decoder", "backbone", "data", "runlocal"}),
                            (MINIWORLD, {"decoder", "backbone", "tokens", "depth", "punct", "steps", "relax",
-                                        "timesteps", "reduction", "vocab", "diversity", "data"})]:
+                                        "timesteps", "reduction", "vocab", "diversity", "data", "eval_every"})]:
         module = cli.load_config_module(path)
         assert set(module.ARGS) == expected
     assert cli.load_config_file(f"{MINIWORLD}:steps=7,diversity=0").total_steps == 7
+    world = cli.load_config_file(MINIWORLD)  # evaluated while it trains, unless eval_every=0
+    assert world.evals.world.type == "miniworld.reconstruction" and world.evals.world.every_steps == 250
+    assert not cli.load_config_file(f"{MINIWORLD}:eval_every=0").evals
 
 
 def test_the_tokenz_typo_is_an_error_not_a_silent_default(capsys, tmp_path):

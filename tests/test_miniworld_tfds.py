@@ -68,7 +68,7 @@ def test_a_data_dir_built_with_another_train_size_is_refused(data_dir):
 
 def test_the_training_config_reads_the_same_views_as_the_on_the_fly_world(data_dir):
     decoder_path = REPO / "projects/miniworld/assets/decoder"
-    config = cli.load_config_file(f"{REPO}/projects/miniworld/configs/world.py:data={data_dir},decoder={decoder_path}")
+    config = cli.load_config_file(f"{REPO}/projects/miniworld/configs/world.py:data={data_dir},decoder={decoder_path},eval_every=0")
     assert config.data.source == f"tfds:mini_world:train@{data_dir}"
     batch = next(iter(loop.make_data(config, loop.load_decoder_for(config))))
 

@@ -52,7 +52,7 @@ def decoder_dir(tmp_path_factory) -> Path:
 
 
 def tiny_config(decoder_dir: Path, **extra):
-    config = cli.load_config_file(f"{REPO}/projects/miniworld/configs/world.py:decoder={decoder_dir}")
+    config = cli.load_config_file(f"{REPO}/projects/miniworld/configs/world.py:decoder={decoder_dir},eval_every=0")
     config.update_from_flattened_dict({**TINY, **extra})
     return config
 
@@ -122,7 +122,7 @@ def test_a_run_trains_and_writes_metrics_samples_and_checkpoints(reference):
 def test_sigterm_saves_and_the_resumed_run_reproduces_the_losses(reference, decoder_dir, tmp_path):
     ref_losses = losses_of(reference[0])
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dediffusion_jax.train", "--config", f"projects/miniworld/configs/world.py:decoder={decoder_dir}",
+    cmd = [sys.executable, "-m", "dediffusion_jax.train", "--config", f"projects/miniworld/configs/world.py:decoder={decoder_dir},eval_every=0",
            "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in TINY.items()]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -147,6 +147,12 @@ def test_sigterm_saves_and_the_resumed_run_reproduces_the_losses(reference, deco
     assert summary["start_step"] == stopped_at and summary["step"] == TOTAL
     resumed = losses_of(workdir)
     assert sorted(resumed) == list(range(1, TOTAL + 1))
+    # Each step exactly once (losses_of, a dict keyed by step, could not see a duplicated row).
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, TOTAL + 1))
+    history = [json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines()]
+    assert [(h["event"], h["step"]) for h in history] == [("start", 0), ("resume", stopped_at)]
+    assert not (workdir / "lock.json").exists()  # released by the SIGTERM-ed run and the resumed one
     np.testing.assert_allclose([resumed[s] for s in sorted(resumed)],
                                [ref_losses[s] for s in sorted(ref_losses)], rtol=0, atol=1e-6)
 

@@ -75,7 +75,7 @@ def run_two_processes(workdir: Path, decoder_dir: Path) -> list[str]:
     procs = []
     for i in range(2):
         cmd = [sys.executable, "-m", "dediffusion_jax.train",
-               "--config", f"projects/miniworld/configs/world.py:decoder={decoder_dir}", "--workdir", str(workdir),
+               "--config", f"projects/miniworld/configs/world.py:decoder={decoder_dir},eval_every=0", "--workdir", str(workdir),
                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
         cmd += [f"--config.{k}={v}" for k, v in SETTINGS.items()]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -95,7 +95,7 @@ def run_two_processes(workdir: Path, decoder_dir: Path) -> list[str]:
 
 def test_two_processes_match_one_and_share_a_checkpoint(tmp_path):
     decoder_dir = write_decoder(tmp_path / "decoder", seed=0)
-    config = cli.load_config_file(f"{REPO}/projects/miniworld/configs/world.py:decoder={decoder_dir}")
+    config = cli.load_config_file(f"{REPO}/projects/miniworld/configs/world.py:decoder={decoder_dir},eval_every=0")
     config.update_from_flattened_dict(SETTINGS)
     decoder = folder.load_decoder(decoder_dir)
     reference = tmp_path / "single"

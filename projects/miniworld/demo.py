@@ -85,6 +85,7 @@ def _cli(argv: list[str] | None = None) -> int:
     config = load_config_file(spec)
     with config.unlocked():
         config.decoder.path = str(decoder_dir)
+        config.evals = {}  # the demo evaluates 256 scenes itself after training (step 3)
         if args.steps:
             config.total_steps = args.steps
             config.lr.warmup_steps = min(int(config.lr.warmup_steps), args.steps // 10)
