@@ -152,3 +152,96 @@ def test_an_evaluator_from_config_evals_writes_scalars_and_an_image_to_tensorboa
                  if v.tag == "eval/probe/weights")
     assert (image.height, image.width) == (4, 4)
     assert ("loss" in {tag for _, tag, _ in tags})
+
+
+# ------------------------------------------------------------------------------ issue 17: the workdir
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_held_workdir_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path, caplog):
+    import os
+    import socket
+
+    from dediffusion_jax.train import workdir as workdir_lib
+
+    tmp_path.mkdir(exist_ok=True)
+    lock = tmp_path / "lock.json"
+    host = socket.gethostname()
+    lock.write_text(json.dumps({"host": host, "pid": os.getppid(), "started": "2026-12-01T10:00:00"}))
+    with pytest.raises(workdir_lib.WorkdirLockedError) as info:
+        run(tmp_path, 2)
+    message = str(info.value)
+    assert f"process {os.getppid()} on {host}, started 2026-12-01T10:00:00" in message and "\n" not in message
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was written
+
+    # Another host's live-looking lock: refused too (its liveness cannot be checked from here).
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "t"}))
+    with pytest.raises(workdir_lib.WorkdirLockedError, match="on elsewhere"):
+        run(tmp_path, 2)
+
+    # A lock left by a killed process on this host: taken over with a warning; released at the end.
+    gone = dead_pid()
+    lock.write_text(json.dumps({"host": host, "pid": gone, "started": "t"}))
+    with caplog.at_level("WARNING"):
+        summary, _ = run(tmp_path, 2)
+    assert summary["step"] == 2 and not lock.exists()
+    assert f"taking over the workdir lock {lock} of process {gone}" in caplog.text
+
+    # While a run holds it, a second run on the workdir is refused (the lock is the first's).
+    with workdir_lib.WorkdirLock(tmp_path):
+        held = json.loads(lock.read_text())
+        assert held["pid"] == os.getpid() and held["host"] == host
+    assert not lock.exists()
+
+
+def test_after_an_interrupted_save_every_step_is_logged_once(tmp_path, caplog):
+    """A run killed after step 6 whose save of step 6 never completed (orbax's tmp folder is left)
+    resumes from 4: the warning names the incomplete folder, metrics.jsonl has each step once with
+    the uninterrupted run's losses, and TensorBoard is told to purge the events past step 4."""
+    run(tmp_path / "ref", 8, checkpoint_every=4)
+    workdir = tmp_path / "run"
+    run(workdir, 6, checkpoint_every=4, stop_after_steps=6)
+    (workdir / "checkpoints/6").rename(workdir / "checkpoints/6.orbax-checkpoint-tmp-1234")
+    assert [json.loads(r)["step"] for r in (workdir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+    with caplog.at_level("WARNING"):
+        resumed = trainer.Trainer(regression_task(), workdir, trainer.Settings(
+            total_steps=8, checkpoint_every=4, tensorboard=True)).run()
+    assert resumed["start_step"] == 4 and resumed["step"] == 8
+    assert "incomplete checkpoint" in caplog.text and "6.orbax-checkpoint-tmp-1234" in caplog.text
+    steps = [json.loads(r)["step"] for r in (workdir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in r]
+    assert steps == list(range(1, 9))  # each once, in order (without the truncation: 5, 6 twice)
+    assert losses_of(workdir) == losses_of(tmp_path / "ref")
+    purges = [e.step for e in tensorboard_events(workdir / "tensorboard")
+              if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+    assert 5 in purges
+
+
+def test_sigterm_during_the_first_compile_stops_with_a_message(tmp_path, monkeypatch, caplog):
+    import os
+    import signal
+
+    from dediffusion_jax.train import step as step_lib
+
+    compile_step = step_lib.compile_step
+
+    def compile_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while compiling
+        return compile_step(*args, **kwargs)
+
+    monkeypatch.setattr(step_lib, "compile_step", compile_then_signal)
+    with caplog.at_level("WARNING"):
+        summary, _ = run(tmp_path, 4)
+    assert summary["preempted"] and summary["step"] == 0
+    assert "stopped by signal before the first step" in caplog.text
+    assert not (tmp_path / "lock.json").exists()

@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 class MetricWriter:
     """Appends one JSON object per step to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, workdir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 resume_from: int | None = None):
+        """`resume_from`: the step the run (re)starts from (-1: a fresh start). Rows past it, which
+        an interrupted invocation wrote after its last checkpoint, are dropped from metrics.jsonl and
+        samples.jsonl, and TensorBoard is told to discard its events past it (purge_step), so each
+        step appears once."""
         self.workdir = Path(workdir)
         self.enabled = enabled
         self._tb = None
@@ -31,12 +36,21 @@ class MetricWriter:
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            from dediffusion_jax.train.workdir import truncate_jsonl
+
+            dropped = sum(truncate_jsonl(self.workdir / name, resume_from)
+                          for name in ("metrics.jsonl", "samples.jsonl"))
+            if dropped:
+                log.info("dropped %d metric/sample rows past step %d (written after the last "
+                         "checkpoint of an interrupted run)", dropped, resume_from)
         self._jsonl = (self.workdir / "metrics.jsonl").open("a")
         self._samples = (self.workdir / "samples.jsonl").open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"),
+                                     purge_step=None if resume_from is None else resume_from + 1)
 
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:

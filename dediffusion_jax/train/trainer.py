@@ -36,6 +36,7 @@ from dediffusion_jax.evaluation import evaluators as evaluators_lib
 from dediffusion_jax.parallel import multihost
 from dediffusion_jax.parallel.mesh import make_mesh, replicated
 from dediffusion_jax.train import checkpoint as ckpt_lib, metrics as metrics_lib, step as step_lib
+from dediffusion_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -317,10 +318,35 @@ class Trainer:
             f.write(json.dumps(row, default=str) + "\n")
 
     def run(self) -> dict[str, Any]:
-        task, settings, mesh = self.task, self.settings, self.mesh
+        """Trains to total_steps (or a stop) holding the workdir's lock (process 0; a second run on
+        the workdir is refused, WorkdirLockedError). SIGTERM/SIGINT at any point, the first compile
+        included, ends the run with a message (and a checkpoint once a step ran)."""
         is_main = jax.process_index() == 0
+        lock = workdir_lib.WorkdirLock(self.workdir)
+        locked, error = True, ""
         if is_main:
             self.workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire()
+            except workdir_lib.WorkdirLockedError as e:
+                locked, error = False, str(e)
+        if jax.process_count() > 1:  # every process stops when process 0 could not lock
+            from jax.experimental import multihost_utils
+
+            locked = bool(multihost_utils.broadcast_one_to_all(np.int32(locked)))
+        if not locked:
+            raise workdir_lib.WorkdirLockedError(error or f"{self.workdir} is in use by another run "
+                                                 "(process 0 could not take its lock)")
+        stop = StopFlag()
+        try:
+            return self._run(stop)
+        finally:
+            stop.restore()
+            lock.release()
+
+    def _run(self, stop: "StopFlag") -> dict[str, Any]:
+        task, settings, mesh = self.task, self.settings, self.mesh
+        is_main = jax.process_index() == 0
         total = int(settings.total_steps)
         example = task.example_batch
         global_batch = int(next(iter(jax.tree.leaves(example))).shape[0])
@@ -331,6 +357,10 @@ class Trainer:
 
         frozen, frozen_sh = self._place_frozen()
         abstract, state_sh = self._shardings()
+        if is_main:
+            for folder in workdir_lib.incomplete_checkpoints(ckpt_lib.checkpoint_dir(self.workdir)):
+                log.warning("incomplete checkpoint %s (a save cut short, e.g. by SIGKILL): not used; "
+                            "resuming from the last complete one", folder)
         manager = self._manager()
         data_iter = task.data
         latest = manager.latest_step()
@@ -364,14 +394,21 @@ class Trainer:
         rng = jax.jit(lambda: jax.random.key(task.rng_seed), out_shardings=replicated(mesh))()
         fns = step_lib.compile_step(task.step_fn, state, state_sh, frozen, frozen_sh, example, mesh, rng)
         to_device = task.to_device or _default_to_device
+        if stop.agreed()[0]:  # a signal during the compile: nothing trained since the last save
+            log.warning("stopped by signal before the first step (at step %d); nothing to save", start_step)
+            manager.close()
+            self.state, self.frozen = state, frozen
+            return {"start_step": start_step, "step": start_step, "preempted": True, "seconds": 0.0,
+                    "steps_per_s": 0.0, "compile_seconds": fns.compile_seconds,
+                    "flops_per_step": fns.flops_per_step, "final": {}}
 
-        writer = metrics_lib.MetricWriter(self.workdir, enabled=is_main, tensorboard=bool(settings.tensorboard))
+        writer = metrics_lib.MetricWriter(self.workdir, enabled=is_main, tensorboard=bool(settings.tensorboard),
+                                          resume_from=start_step if latest is not None else -1)
         if is_main and start_step == 0:
             writer.write_scalars(0, {"compile_seconds": fns.compile_seconds,
                                      "gflops_per_step_per_device": (fns.flops_per_step or 0) / 1e9})
         timer = metrics_lib.StepTimer(global_batch, jax.device_count(), fns.flops_per_step)
         progress = metrics_lib.Progress(total, int(settings.progress_every), start_step)
-        stop = StopFlag()
         every = int(settings.checkpoint_every)
         last_saved = start_step if latest is not None else -1
         last_save_time = time.perf_counter()
@@ -454,7 +491,6 @@ class Trainer:
                 save(step)
             manager.wait_until_finished()
         finally:
-            stop.restore()
             writer.close()
             manager.close()
         self.state, self.frozen = state, frozen
