@@ -50,17 +50,66 @@ def test_transparency_is_composited_over_white():
     assert np.asarray(decode_image(encode(im)))[0, 0].tolist() == [255, 255, 255]
 
 
-def test_corrupt_inputs_raise_corrupt_example_error():
+def test_corrupt_inputs_raise_corrupt_example_error_naming_the_decoder_error():
     jpeg = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
-    for bad in [b"", b"not an image at all", jpeg[: len(jpeg) // 2], bytes(range(256)) * 4]:
-        with pytest.raises(CorruptExampleError):
+    cases = {b"": "empty image bytes",
+             b"not an image at all": "undecodable image: UnidentifiedImageError",
+             jpeg[: len(jpeg) // 2]: "undecodable image: OSError: Truncated File Read",
+             bytes(range(256)) * 4: "undecodable image: UnidentifiedImageError"}
+    for bad, message in cases.items():
+        with pytest.raises(CorruptExampleError) as info:
             decode_image(bad)
+        assert str(info.value).startswith(message), str(info.value)
 
 
-def test_decompression_bomb_is_refused_before_decoding():
-    with pytest.raises(CorruptExampleError):
-        decode_image(png_with_claimed_size(100_000, 100_000))  # 10 Gpx claimed
-    with pytest.raises(CorruptExampleError, match="max_pixels"):
+def test_pil_errors_become_corrupt_example_error_but_our_own_bugs_do_not(monkeypatch):
+    """Only what PIL raises while opening/decoding counts as a broken file (its error chained);
+    a bug in the conversion code after it propagates instead of being skipped as 'corrupt'."""
+    from dediffusion_jax.data import preprocess
+
+    def broken_pil_load(self):
+        raise SyntaxError("broken PNG chunk")  # one of PIL's odd error types
+
+    good = encode(Image.new("RGB", (4, 4)))
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "load", broken_pil_load)
+        with pytest.raises(CorruptExampleError, match="undecodable image: SyntaxError: broken PNG chunk") as info:
+            decode_image(good)
+        assert isinstance(info.value.__cause__, SyntaxError)
+
+    def buggy_to_rgb(im):
+        return im.size[2]  # an IndexError: a bug of ours, not the file's
+
+    monkeypatch.setattr(preprocess, "_to_rgb", buggy_to_rgb)
+    with pytest.raises(IndexError):
+        decode_image(encode(Image.new("L", (4, 4))))
+
+
+def test_decompression_bomb_is_refused_by_our_size_check_before_decoding(monkeypatch):
+    """A 1x1 PNG claiming 10000x10000 (100 Mpx, above max_pixels but below PIL's own 2x limit, so
+    PIL only warns): OUR header check refuses it, and no pixel is decoded (load is never called)."""
+    import warnings
+
+    bomb = png_with_claimed_size(10_000, 10_000)
+    loads = []
+    original_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(self.size) or original_load(self))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(CorruptExampleError) as info:
+            decode_image(bomb)
+        assert str(info.value) == ("image of 10000x10000 pixels exceeds max_pixels=89478485 "
+                                   "(decompression-bomb protection)")
+        assert loads == []
+        # The guard is what caught it: with a higher max_pixels the same file gets past the size
+        # check to PIL's decoder, which fails on the missing pixel data.
+        with pytest.raises(CorruptExampleError, match="undecodable image"):
+            decode_image(bomb, max_pixels=200_000_000)
+        assert loads == [(10_000, 10_000)]
+    # Claims over PIL's own limit (refused inside Image.open) read the same way.
+    with pytest.raises(CorruptExampleError, match=r"image of 10000000000 pixels exceeds max_pixels"):
+        decode_image(png_with_claimed_size(100_000, 100_000))
+    with pytest.raises(CorruptExampleError, match="image of 50x50 pixels exceeds max_pixels=1000"):
         decode_image(encode(Image.new("RGB", (50, 50))), max_pixels=1000)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,15 +62,39 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _too_large(size: str, max_pixels: int) -> CorruptExampleError:
+    return CorruptExampleError(f"image of {size} pixels exceeds max_pixels={max_pixels} "
+                               "(decompression-bomb protection)")
+
+
 def decode_image(data: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  min_side: int | None = None) -> Image.Image:
     """Decodes encoded bytes / a file path / an HWC array / a PIL image into an RGB PIL image.
 
     Raises CorruptExampleError for anything unusable; the size check runs on the header, before the
-    pixels are decompressed, so a decompression bomb costs nothing. `min_side` lets JPEG decode at
-    a reduced scale (PIL draft: DCT scaling by 1/2, 1/4, 1/8) that keeps both sides >= min_side:
-    a 4000x3000 photo headed for 256x256 decodes several times faster.
+    pixels are decompressed, so a decompression bomb costs nothing. (PIL's own check refuses claims
+    over 2 x Image.MAX_IMAGE_PIXELS already in Image.open; that is reported with the same message.)
+    `min_side` lets JPEG decode at a reduced scale (PIL draft: DCT scaling by 1/2, 1/4, 1/8) that
+    keeps both sides >= min_side: a 4000x3000 photo headed for 256x256 decodes several times faster.
+
+    Any error while PIL opens or decodes the file is the file's (PIL raises a zoo of types:
+    OSError, SyntaxError, ValueError, EOFError, struct.error, ...) and becomes CorruptExampleError
+    with the cause chained; an error in our own conversion code afterwards is a bug and propagates.
     """
+    im = _open(data, max_pixels, min_side)
+    try:
+        im = ImageOps.exif_transpose(im)  # phone photos: honour the orientation tag
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to lose the image
+        pass
+    try:
+        return _to_rgb(im)
+    except (OSError, ValueError) as e:  # a mode PIL cannot convert
+        raise CorruptExampleError(f"cannot convert image mode {im.mode!r} to RGB: "
+                                  f"{type(e).__name__}: {e}") from e
+
+
+def _open(data: ImageInput, max_pixels: int, min_side: int | None) -> Image.Image:
+    """The decoded PIL image (pixels loaded), or CorruptExampleError."""
     try:
         if isinstance(data, Image.Image):
             im = data
@@ -93,21 +118,18 @@ def decode_image(data: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         width, height = im.size
         if width <= 0 or height <= 0:
             raise CorruptExampleError(f"image has size {width}x{height}")
-        if width * height > max_pixels:
-            raise CorruptExampleError(
-                f"image of {width}x{height} pixels exceeds max_pixels={max_pixels} "
-                "(decompression-bomb protection)")
+        if width * height > max_pixels:  # the header's claim, before any pixel is decompressed
+            raise _too_large(f"{width}x{height}", max_pixels)
         if min_side and im.format == "JPEG":
             im.draft("RGB", (min_side, min_side))
         im.load()  # decodes now: a truncated file fails here, not later in resize
-        try:
-            im = ImageOps.exif_transpose(im)  # phone photos: honour the orientation tag
-        except Exception:  # a broken EXIF block is no reason to lose the image
-            pass
-        return _to_rgb(im)
+        return im
     except CorruptExampleError:
         raise
-    except (Exception, Image.DecompressionBombError) as e:  # PIL raises a zoo of error types
+    except Image.DecompressionBombError as e:  # PIL's check in Image.open (claims over 2x its limit)
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(claimed.group(1) if claimed else "too many", max_pixels) from e
+    except Exception as e:  # noqa: BLE001 - PIL raises a zoo of error types for broken files
         raise CorruptExampleError(f"undecodable image: {type(e).__name__}: {e}") from e
 
 
