@@ -150,3 +150,22 @@ def test_cli_reads_a_checkpoint_and_its_exported_folder(tmp_path, capsys):
     other = write_decoder(tmp_path / "other", seed=1)
     assert run(exported, tmp_path / "c.jsonl", "--decoder", str(other)) == 2
     assert "weights hash" in capsys.readouterr().err
+
+
+def test_a_checkpoint_trained_with_a_relative_decoder_path_encodes_from_any_directory(tmp_path, monkeypatch):
+    """Issue 17 #4: the decoder path is recorded absolute; another location is given with --decoder
+    (test_cli_reads_a_checkpoint_and_its_exported_folder: its weights hash is checked)."""
+    from dediffusion_jax.train import checkpoint as ckpt_lib
+
+    write_decoder(tmp_path / "decoder", seed=0)
+    monkeypatch.chdir(tmp_path)
+    decoder = folder.load_decoder("decoder")  # relative, as a user may type it
+    assert ckpt_lib.decoder_info(decoder)["path"] == str(tmp_path / "decoder")
+    workdir = write_checkpoint(tmp_path / "run", Path("decoder"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    write_pngs(elsewhere / "imgs", 2)
+    assert encode.main(["--checkpoint", str(workdir), "--images", "imgs", "--out", "t.jsonl",
+                        "--no-progress"]) == 0
+    assert len((elsewhere / "t.jsonl").read_text().splitlines()) == 2

@@ -82,8 +82,10 @@ def save_items(manager: ocp.CheckpointManager, step: int, state: Any, data_itera
 
 
 def decoder_info(decoder: Any) -> dict[str, str]:
-    """{"path", "identity"} of a `t2i.folder.LoadedDecoder` (identity = its weights hash)."""
-    return {"path": str(decoder.path) if decoder.path else "", "identity": decoder.identity}
+    """{"path", "identity"} of a `t2i.folder.LoadedDecoder` (identity = its weights hash). The path
+    is absolute, so the checkpoint's encoder loads from any working directory."""
+    path = str(Path(decoder.path).expanduser().resolve()) if decoder.path else ""
+    return {"path": path, "identity": decoder.identity}
 
 
 def read_json(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
