@@ -239,3 +239,16 @@ def test_pretrain_decoder_reports_a_missing_init_folder_in_one_line(tmp_path, ca
     assert pretrain_decoder.main(["--workdir", str(tmp_path / "w"), "--steps", "1", "--batch", "2",
                                   "--init-from", str(tmp_path / "no_decoder")]) == 2
     assert str(tmp_path / "no_decoder") in one_error_line(capsys)
+
+
+def test_evaluate_on_a_missing_or_corrupt_checkpoint_is_one_line(tmp_path, capsys):
+    from dediffusion_jax import evaluate
+    from test_encode import write_pngs
+
+    write_pngs(tmp_path / "imgs", 2)
+    (tmp_path / "corrupt" / "checkpoints" / "5").mkdir(parents=True)
+    for checkpoint in (tmp_path / "nowhere", tmp_path / "corrupt"):
+        argv = ["--images", str(tmp_path / "imgs"), "--decoder", str(tmp_path / "dec"), "--workdir",
+                str(tmp_path / "w"), "--checkpoint", str(checkpoint), "--no-progress"]
+        assert evaluate.main(argv, extractor=object()) == 2
+        assert str(checkpoint) in one_error_line(capsys)
