@@ -339,12 +339,16 @@ def test_converter_round_trip_and_loading(tmp_path, torch_reference, torch_state
         inception.load_inception(pth)
 
 
-def test_converter_refuses_a_mismatched_checkpoint(tmp_path, torch_reference):
+def test_converter_refuses_a_mismatched_checkpoint(tmp_path, torch_reference, capsys):
     state = dict(torch_reference.state_dict())
     del state["Mixed_7b.branch1x1.conv.weight"]
     pth = tmp_path / "broken.pth"
     torch.save(state, pth)
     out = tmp_path / "never_written.safetensors"
     with pytest.raises(convert.CheckpointMismatchError, match="Mixed_7b/branch1x1/conv/kernel"):
-        convert_inception.main(["--input", str(pth), "--output", str(out)])
+        convert_inception.convert(str(pth), str(out))
+    # The command says it in one line and exits 2 (a traceback only with --debug).
+    assert convert_inception.main(["--input", str(pth), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Mixed_7b/branch1x1/conv/kernel" in err and "Traceback" not in err
     assert not out.exists()
