@@ -105,3 +105,16 @@ def test_training_on_the_spine_stops_resumes_exactly_and_exports(tmp_path):
     assert config == C.ClassifierConfig()
     losses = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if "loss" in r] == [4]  # every 100 steps and the last
+
+
+def test_a_resume_with_other_arguments_is_refused_unless_allowed(tmp_path, capsys):
+    """The spine's resume guard for a world program (issue 17 #1): another --lr on a stopped run's
+    workdir is one error line naming it; --allow-changes steps extends a run on purpose."""
+    common = ["--batch", "8", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "run")]
+    C.main(common + ["--steps", "3", "--stop-after-steps", "2"])
+    capsys.readouterr()
+    assert C.main(common + ["--steps", "3", "--lr", "0.002"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "lr: 0.001 -> 0.002" in err[0] and "--allow-changes=lr" in err[0]
+    assert C.main(common + ["--steps", "4", "--allow-changes", "steps"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["2", "4"]

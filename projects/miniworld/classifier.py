@@ -182,7 +182,7 @@ def classifier_task(steps: int, batch: int, seed: int, lr: float,
     args = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "config": config.to_dict()}
     return trainer.Task(init=init, step_fn=step_fn, data=trainer.StepIndexedIterator(batch_for_step),
                         example_batch=trainer.example_of(batch_for_step(0)), seed=seed, rng_seed=seed + 1,
-                        checkpoint_json=lambda: {"args": args})
+                        checkpoint_json=lambda: {"args": args}, config_item="args")
 
 
 def train_classifier(
@@ -194,10 +194,13 @@ def train_classifier(
     log_every: int = 100,
     workdir: str | Path | None = None,
     stop_after_steps: int = 0,
+    allow_changes: tuple[str, ...] = (),
 ) -> Params | None:
     """Train on TRAIN-split scenes only (held-out scenes never seen) on the trainer spine; prints
     progress. `workdir` keeps checkpoints (a stopped run resumes there exactly); without one the run
-    lives in a temporary folder. Returns the params, or None when the run stopped before `steps`."""
+    lives in a temporary folder. Returns the params, or None when the run stopped before `steps`.
+    A resume with other arguments is refused (the spine's resume guard) unless `allow_changes`
+    names them (e.g. ("steps",))."""
     import tempfile
 
     from dediffusion_jax.train import trainer
@@ -206,7 +209,8 @@ def train_classifier(
         task = classifier_task(steps, batch, seed, lr, config)
         run = trainer.Trainer(task, workdir or tmp, trainer.Settings(
             total_steps=steps, log_every=log_every, progress_every=log_every, tensorboard=False,
-            stop_after_steps=stop_after_steps))
+            stop_after_steps=stop_after_steps, allow_changes=tuple(allow_changes),
+            allow_changes_flag="--allow-changes"))
         print(f"classifier: {steps} steps x {batch}, seed {seed}", flush=True)
         summary = run.run()
         if summary["preempted"]:
@@ -263,10 +267,13 @@ def _cli(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
     p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
+    p.add_argument("--allow-changes", default="", help="arguments a resume may change, e.g. steps,lr "
+                                                       "(any other change is refused)")
     p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     a = p.parse_args(argv)
     t0 = time.time()
-    params = train_classifier(a.steps, a.batch, a.seed, a.lr, workdir=a.workdir, stop_after_steps=a.stop_after_steps)
+    params = train_classifier(a.steps, a.batch, a.seed, a.lr, workdir=a.workdir, stop_after_steps=a.stop_after_steps,
+                              allow_changes=tuple(k for k in a.allow_changes.split(",") if k))
     wall = time.time() - t0
     if params is None:
         print(f"stopped before step {a.steps}; run again with --workdir {a.workdir} to resume", flush=True)

@@ -155,12 +155,14 @@ class Pretrainer:
         return trainer.Task(init=self._init_state, step_fn=self._train_step,
                             data=trainer.StepIndexedIterator(self._batch_dict),
                             example_batch=trainer.example_of(self._batch_dict(0)), seed=self.seed,
-                            rng_seed=self.seed + 1, checkpoint_json=lambda: {"args": args})
+                            rng_seed=self.seed + 1, checkpoint_json=lambda: {"args": args},
+                            config_item="args")
 
     def train(self, log_every: int = 100, workdir: str | Path | None = None,
-              stop_after_steps: int = 0) -> tuple[Any, list[dict]]:
+              stop_after_steps: int = 0, allow_changes: tuple[str, ...] = ()) -> tuple[Any, list[dict]]:
         """(params, log) of the run on the trainer spine; params is None when it stopped early.
-        `workdir` keeps its checkpoints (resumed when present); default: a temporary folder."""
+        `workdir` keeps its checkpoints (resumed when present); default: a temporary folder. A
+        resume with other arguments is refused unless `allow_changes` names them."""
         import tempfile
 
         from dediffusion_jax.train import trainer
@@ -169,7 +171,8 @@ class Pretrainer:
         with tempfile.TemporaryDirectory() as tmp:
             run = trainer.Trainer(self.task(), workdir or tmp, trainer.Settings(
                 total_steps=self.steps, log_every=log_every, progress_every=log_every, tensorboard=False,
-                stop_after_steps=stop_after_steps))
+                stop_after_steps=stop_after_steps, allow_changes=tuple(allow_changes),
+                allow_changes_flag="--allow-changes"))
             summary = run.run()
             records = [json.loads(line) for line in (run.workdir / "metrics.jsonl").read_text().splitlines()]
         log = [{"step": r["step"], "loss": round(r["loss"], 4)} for r in records if "loss" in r]
@@ -266,11 +269,14 @@ def _cli(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
     p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
+    p.add_argument("--allow-changes", default="", help="arguments a resume may change, e.g. steps,lr "
+                                                       "(any other change is refused)")
     p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     args = p.parse_args(argv)
     start = time.time()
     trainer = Pretrainer(args.steps, args.batch, args.lr, args.seed)
-    params, log = trainer.train(workdir=args.workdir, stop_after_steps=args.stop_after_steps)
+    params, log = trainer.train(workdir=args.workdir, stop_after_steps=args.stop_after_steps,
+                                allow_changes=tuple(k for k in args.allow_changes.split(",") if k))
     wall = time.time() - start
     if params is None:
         print(f"stopped before step {args.steps}; run again with --workdir {args.workdir} to resume", flush=True)
