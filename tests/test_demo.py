@@ -33,8 +33,9 @@ def test_reduced_demo_writes_the_table_text_statistics_examples_and_grid(tmp_pat
 
     report = (workdir / "results.md").read_text()
     assert report.count("\n| ") >= len(SOURCES) + 2 and "Examples (ground truth" in report
-    grid = Image.open(workdir / "reconstructions.png")
-    assert grid.height >= 8 * scenes.IMAGE_SIZE and grid.width >= 4 * scenes.IMAGE_SIZE
+    # The protocol's grid: a row per scene (8), columns original + each text source.
+    grid = Image.open(workdir / "world_eval" / "grid.png")
+    assert grid.height >= 8 * scenes.IMAGE_SIZE and grid.width >= (1 + len(SOURCES)) * scenes.IMAGE_SIZE
     assert (workdir / "checkpoints" / "3").is_dir()
 
     # The probe reads the same run: its texts become a row of teacher-forced losses.
