@@ -34,11 +34,10 @@ ENTRY_POINTS = [
     (["-m", "projects.miniworld.probe", "--help"], True),
     (["-m", "dediffusion_jax.evaluation.convert_inception", "--help"], True),
     (["-m", "dediffusion_jax.evaluate", "--help"], True),
-    # These import their model code at module level (jax, flax): usage, exit 0, quick.
-    (["-m", "dediffusion_jax.encode", "--help"], False),
-    (["-m", "projects.miniworld.pretrain_decoder", "--help"], False),
-    (["-m", "projects.miniworld.pretrain_backbone", "--help"], False),
-    (["-m", "projects.miniworld.classifier", "--help"], False),
+    (["-m", "dediffusion_jax.encode", "--help"], True),
+    (["-m", "projects.miniworld.pretrain_decoder", "--help"], True),
+    (["-m", "projects.miniworld.pretrain_backbone", "--help"], True),
+    (["-m", "projects.miniworld.classifier", "--help"], True),
 ]
 
 

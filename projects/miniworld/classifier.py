@@ -11,12 +11,37 @@ Train: `python -m projects.miniworld.classifier --out DIR --steps 800` (see asse
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
 import time
 from pathlib import Path
 from typing import Any
+
+from dediffusion_jax import errors
+from dediffusion_jax.cli_flags import answer_help_early
+
+DEFAULT_DIR = Path(__file__).with_name("assets") / "classifier"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train the miniature world's attribute classifier.")
+    p.add_argument("--out", default=str(DEFAULT_DIR))
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
+    p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
+    p.add_argument("--allow-changes", default="", help="arguments a resume may change, e.g. steps,lr "
+                                                       "(any other change is refused)")
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
+    return p
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)  # before the heavy imports below
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +52,7 @@ import optax
 from flax import traverse_util
 
 from projects.miniworld import scenes as S
-from dediffusion_jax import errors
 
-DEFAULT_DIR = Path(__file__).with_name("assets") / "classifier"
 Params = Any
 
 
@@ -255,21 +278,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cli(argv: list[str] | None = None) -> None:
-    import argparse
-
     from projects.miniworld import metrics
 
-    p = argparse.ArgumentParser(description="Train the miniature world's attribute classifier.")
-    p.add_argument("--out", default=str(DEFAULT_DIR))
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
-    p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
-    p.add_argument("--allow-changes", default="", help="arguments a resume may change, e.g. steps,lr "
-                                                       "(any other change is refused)")
-    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
+    p = build_parser()
     a = p.parse_args(argv)
     t0 = time.time()
     params = train_classifier(a.steps, a.batch, a.seed, a.lr, workdir=a.workdir, stop_after_steps=a.stop_after_steps,

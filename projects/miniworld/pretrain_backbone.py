@@ -24,6 +24,31 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dediffusion_jax import errors
+from dediffusion_jax.cli_flags import answer_help_early
+
+DEFAULT_DIR = Path(__file__).with_name("assets") / "backbone"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m projects.miniworld.pretrain_backbone",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(DEFAULT_DIR))
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
+    p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
+    p.add_argument("--allow-changes", default="", help="arguments a resume may change, e.g. steps,lr "
+                                                       "(any other change is refused)")
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
+    return p
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)  # before the heavy imports below
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,10 +58,8 @@ import optax
 from projects.miniworld import captions, scenes
 from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.models import vit
-from dediffusion_jax import errors
 from dediffusion_jax.t2i import clip_text, convert
 
-DEFAULT_DIR = Path(__file__).with_name("assets") / "backbone"
 # The image tower: patch 4 on the 16x16 scene (a 4x4 grid, two patches per cell side) + CLS.
 VISION_CONFIG = vit.ViTConfig(image_size=scenes.IMAGE_SIZE, patch_size=4, hidden_size=128, num_layers=3,
                               num_heads=4, mlp_dim=512, hidden_act="gelu")
@@ -260,18 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m projects.miniworld.pretrain_backbone",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(DEFAULT_DIR))
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
-    p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
-    p.add_argument("--allow-changes", default="", help="arguments a resume may change, e.g. steps,lr "
-                                                       "(any other change is refused)")
-    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
+    p = build_parser()
     args = p.parse_args(argv)
     start = time.time()
     trainer = Pretrainer(args.steps, args.batch, args.lr, args.seed)

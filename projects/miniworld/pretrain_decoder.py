@@ -31,6 +31,47 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dediffusion_jax import errors
+from dediffusion_jax.cli_flags import answer_help_early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--steps", type=int, default=12000, help="total steps (sets the lr decay)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-end", type=float, default=2e-5)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--soup-fraction", type=float, default=0.0,
+                   help="fraction of word-soup captions (captions.word_soup_caption); v3 fine-tuned with 0.25")
+    p.add_argument("--mix-fraction", type=float, default=0.0,
+                   help="fraction of captions with word embeddings blended with random words "
+                        "(token_mixing_for_step); the word-mixing experiment of docs/miniworld.md used 0.3")
+    p.add_argument("--init-from", help="a decoder folder of this architecture to start from (a fine-tune; "
+                                       "only when the workdir has no checkpoint yet)")
+    p.add_argument("--text-encoder-from",
+                   help="a transformers CLIP folder whose text tower starts the text encoder, e.g. the world "
+                        "CLIP projects/miniworld/assets/backbone (v4 used it, frozen)")
+    p.add_argument("--freeze-text-encoder", action="store_true",
+                   help="train the UNet only (Stable Diffusion's recipe; the text encoder is out of the optimizer)")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=2000, help="gate evaluation period (0 = never)")
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    p.add_argument("--stop-after-minutes", type=float, default=0, help="save and stop (0 = no limit)")
+    p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (0 = no limit)")
+    p.add_argument("--export", help="write the EMA decoder of the latest checkpoint to this folder")
+    p.add_argument("--export-dtype", default="float16", choices=("float16", "float32"),
+                   help="weights dtype of the exported folder (float16 halves it; loading upcasts)")
+    p.add_argument("--gate-guidance", default="3", help="guidance scales of the gate evaluation, e.g. 1,1.5,2,3")
+    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
+    return p
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)  # before the heavy imports below
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +81,6 @@ from projects.miniworld import captions, scenes
 from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.t2i import clip_text, schedules, unet
 from dediffusion_jax.t2i.folder import DecoderSpec, LoadedDecoder, save_decoder
-from dediffusion_jax import errors
 
 TEXT_CONFIG = {
     "hidden_size": 128,
@@ -367,36 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--steps", type=int, default=12000, help="total steps (sets the lr decay)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-end", type=float, default=2e-5)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--soup-fraction", type=float, default=0.0,
-                   help="fraction of word-soup captions (captions.word_soup_caption); v3 fine-tuned with 0.25")
-    p.add_argument("--mix-fraction", type=float, default=0.0,
-                   help="fraction of captions with word embeddings blended with random words "
-                        "(token_mixing_for_step); the word-mixing experiment of docs/miniworld.md used 0.3")
-    p.add_argument("--init-from", help="a decoder folder of this architecture to start from (a fine-tune; "
-                                       "only when the workdir has no checkpoint yet)")
-    p.add_argument("--text-encoder-from",
-                   help="a transformers CLIP folder whose text tower starts the text encoder, e.g. the world "
-                        "CLIP projects/miniworld/assets/backbone (v4 used it, frozen)")
-    p.add_argument("--freeze-text-encoder", action="store_true",
-                   help="train the UNet only (Stable Diffusion's recipe; the text encoder is out of the optimizer)")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=2000, help="gate evaluation period (0 = never)")
-    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
-    p.add_argument("--stop-after-minutes", type=float, default=0, help="save and stop (0 = no limit)")
-    p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (0 = no limit)")
-    p.add_argument("--export", help="write the EMA decoder of the latest checkpoint to this folder")
-    p.add_argument("--export-dtype", default="float16", choices=("float16", "float32"),
-                   help="weights dtype of the exported folder (float16 halves it; loading upcasts)")
-    p.add_argument("--gate-guidance", default="3", help="guidance scales of the gate evaluation, e.g. 1,1.5,2,3")
-    p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
+    p = build_parser()
     args = p.parse_args(argv)
 
     workdir = Path(args.workdir)
