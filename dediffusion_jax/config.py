@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.batch_size = 32                     # global, over all processes
-    c.dtype = "float32"                   # compute dtype of the encoder (params stay float32)
+    c.dtype = "float32"                   # compute dtype of encoder and decoder (params stay float32)
     c.remat = False
     # Modules imported before data and evaluators are built: how a project registers its data-source
     # prefixes and evaluators (dediffusion_jax/extensions.py). The core never imports a project.
@@ -102,8 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
 FIELD_DOCS: dict[str, str] = {
     "seed": "random seed of parameters, Gumbel noise, timesteps and data order",
     "batch_size": "global batch size, over all processes",
-    "dtype": "compute dtype of the encoder: float32 | bfloat16 (params stay float32)",
-    "remat": "rematerialise (gradient-checkpoint) the encoder's blocks to save activation memory",
+    "dtype": "compute dtype of the encoder and the frozen decoder: float32 | bfloat16 (params stay float32)",
+    "remat": "rematerialise (gradient-checkpoint) the encoder's, text encoder's and UNet's blocks to save activation memory",
     "imports": "modules imported before data and evaluators are built (how a project registers "
                "its data sources and evaluators)",
     "decoder.path": "the frozen text-to-image decoder: a diffusers-format folder",

@@ -94,12 +94,15 @@ def build_model(
 ) -> tuple[DeDiffusion, Any, Any | None]:
     """(model, `init_params(rng) -> encoder params` (random), pretrained backbone params or None).
 
-    `decoder` is the frozen decoder's static spec (its weights are the caller's `frozen["decoder"]`).
+    `decoder` is the frozen decoder's static spec (its weights are the caller's `frozen["decoder"]`);
+    the model's copy of it computes in config.dtype with config.remat (`decoder_spec_for`), so the
+    run's precision and rematerialisation reach the text encoder, UNet and VAE as well as the encoder.
     The pretrained backbone is returned separately (not closed over by `init_params`) so that jitted
     initialisation never embeds hundreds of MB of weights as constants. `vit_config`: build the
     backbone with this shape instead of reading `backbone.init` (the weights come from elsewhere).
     """
     backbone, pretrained = build_backbone(config, vit_config)
+    decoder = decoder_spec_for(config, decoder)
     mask = quantizer.vocabulary_exclusion_mask(
         decoder.tokenizer,
         exclude_punctuation=bool(config.vocab.exclude_punctuation),
@@ -136,6 +139,18 @@ def build_model(
         return encoder.init(rng, dummy)["params"]
 
     return model, init_params, pretrained
+
+
+def decoder_spec_for(config: ml_collections.ConfigDict, decoder: DecoderSpec) -> DecoderSpec:
+    """`decoder` computing in config.dtype with config.remat (params stay float32: flax casts them
+    inside each module). The same object when nothing changes (a float32 run without remat reuses the
+    loaded spec and its compiled programs); otherwise one new spec, made once per model (specs are
+    static jit arguments hashed by identity)."""
+    dtype = jnp.dtype(config.get("dtype", "float32"))
+    remat = bool(config.get("remat", False))
+    if jnp.dtype(decoder.dtype) == dtype and bool(getattr(decoder, "remat", False)) == remat:
+        return decoder
+    return dataclasses.replace(decoder, dtype=dtype, remat=remat)
 
 
 def loss_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:

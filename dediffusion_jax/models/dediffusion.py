@@ -174,8 +174,8 @@ class DeDiffusion:
         if not self.decoder.is_latent:
             return batch["decoder"]
         return vae_lib.latents_from_images(
-            frozen["decoder"]["vae"], self.decoder.vae_config, batch["decoder"], rng
-        )
+            frozen["decoder"]["vae"], self.decoder.vae_config, batch["decoder"], rng,
+            dtype=self.decoder.dtype)
 
     def loss(
         self,

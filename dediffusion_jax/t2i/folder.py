@@ -56,15 +56,16 @@ class DecoderSpec:
     vae_config: vae.VAEConfig | None
     schedule: schedules.NoiseSchedule
     tokenizer: Any  # transformers.CLIPTokenizer(Fast)
-    dtype: Any = jnp.float32  # compute dtype of the modules
+    dtype: Any = jnp.float32  # compute dtype of the modules (params stay float32)
+    remat: bool = False  # rematerialise the text encoder's layers and the UNet's blocks (training)
 
     @property
     def text_encoder(self) -> clip_text.CLIPTextModel:
-        return clip_text.CLIPTextModel(config=self.text_config, dtype=self.dtype)
+        return clip_text.CLIPTextModel(config=self.text_config, dtype=self.dtype, remat=self.remat)
 
     @property
     def unet(self) -> unet.UNet2DConditionModel:
-        return unet.UNet2DConditionModel(config=self.unet_config, dtype=self.dtype)
+        return unet.UNet2DConditionModel(config=self.unet_config, dtype=self.dtype, remat=self.remat)
 
     @property
     def vae(self) -> vae.AutoencoderKL | None:
