@@ -181,3 +181,15 @@ def test_a_stopped_run_resumes_exactly_on_the_spine(tmp_path):
     got = safetensors.numpy.load_file(str(tmp_path / "run_out" / "unet" / "diffusion_pytorch_model.safetensors"))
     for k in ref:
         np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
+
+
+def test_a_resume_with_other_training_arguments_is_refused_unless_allowed(tmp_path, capsys):
+    common = ["--workdir", str(tmp_path / "run"), "--batch", "2", "--eval-every", "0"]
+    assert pretrain_decoder.main(common + ["--steps", "1"]) == 0
+    capsys.readouterr()
+    assert pretrain_decoder.main(common + ["--steps", "2", "--lr", "5e-4", "--log-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "lr" in err and "steps" in err and "--allow-changes" in err
+    assert "log_every" not in err  # how often to log is free
+    assert pretrain_decoder.main(common + ["--steps", "2", "--lr", "5e-4", "--allow-changes", "steps,lr"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()

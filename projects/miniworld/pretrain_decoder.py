@@ -35,6 +35,14 @@ from dediffusion_jax import errors
 from dediffusion_jax.cli_flags import answer_help_early
 
 
+# Arguments a resume may change freely: where and how often to log, evaluate, save, stop and export;
+# the init sources (read on a fresh start only). Any other change (steps, lr, batch, seed, the caption
+# mix, ...) alters the optimisation and is refused unless --allow-changes names it.
+FREE_ARGS = ("workdir", "log_every", "eval_every", "checkpoint_minutes", "stop_after_minutes",
+             "stop_after_steps", "export", "export_dtype", "gate_guidance", "debug", "allow_changes",
+             "init_from", "text_encoder_from")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
@@ -65,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dtype", default="float16", choices=("float16", "float32"),
                    help="weights dtype of the exported folder (float16 halves it; loading upcasts)")
     p.add_argument("--gate-guidance", default="3", help="guidance scales of the gate evaluation, e.g. 1,1.5,2,3")
+    p.add_argument("--allow-changes", default="", help="training arguments a resume may change, e.g. "
+                                                       "steps,lr (any other change is refused)")
     p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     return p
 
@@ -331,7 +341,10 @@ class Trainer:
             example_batch=spine.example_of(self.batch(0)), seed=int(self.args.seed),
             rng_seed=int(self.args.seed) + 1, init_inputs=self.init_inputs(),
             view=lambda state, frozen: state["ema"], evaluators=evaluators or [],
-            checkpoint_json=(lambda: checkpoint_json) if checkpoint_json is not None else None)
+            checkpoint_json=(lambda: checkpoint_json) if checkpoint_json is not None else None,
+            # A resume with other training arguments is refused unless --allow-changes names them.
+            config_item="args" if checkpoint_json and "args" in checkpoint_json else None,
+            free_keys=FREE_ARGS)
 
     @staticmethod
     def _weights_of(folder: str, like: dict) -> dict:
@@ -434,7 +447,8 @@ def _cli(argv: list[str] | None = None) -> int:
     settings = spine.Settings(
         total_steps=args.steps, log_every=args.log_every, progress_every=args.log_every,
         checkpoint_minutes=args.checkpoint_minutes, keep=2, tensorboard=True,
-        stop_after_steps=args.stop_after_steps, stop_after_minutes=args.stop_after_minutes)
+        stop_after_steps=args.stop_after_steps, stop_after_minutes=args.stop_after_minutes,
+        allow_changes=tuple(k for k in args.allow_changes.split(",") if k), allow_changes_flag="--allow-changes")
     run = spine.Trainer(trainer.task(evaluators, {"args": vars(args)}), workdir, settings)
     timing_path = workdir / "wall_seconds.json"
     wall_before = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else 0.0
