@@ -27,6 +27,7 @@ ENTRY_POINTS = [
     (["-m", "projects.miniworld.demo", "--help"], True),
     (["projects/miniworld/bench/encoder_sweep.py", "--help"], True),
     (["projects/miniworld/bench/step_breakdown.py", "--help"], True),
+    (["bench/throughput.py", "--help"], True),
     (["launch/local.py", "--help"], True),
     (["launch/slurm_gpu.py", "--help"], True),
     (["launch/tpu_pod.py", "--help"], True),
@@ -55,7 +56,8 @@ def imports_jax(importtime_stderr: str) -> bool:
 def test_every_entry_point_is_listed():
     listed = {a[1] if a[0] == "-m" else a[0] for a, _ in ENTRY_POINTS}
     benches = {str(p.relative_to(REPO)) for p in (REPO / "projects/miniworld/bench").glob("*.py")
-               if p.name != "__init__.py"} | {str(p.relative_to(REPO)) for p in (REPO / "bench").glob("*.py")}
+               if p.name != "__init__.py"} | {str(p.relative_to(REPO)) for p in (REPO / "bench").glob("*.py")
+                                         if p.name != "__init__.py"}
     launchers = {str(p.relative_to(REPO)) for p in (REPO / "launch").glob("*.py") if p.name != "_common.py"}
     assert benches | launchers <= listed
 
