@@ -203,13 +203,17 @@ def run_config(preset: Preset, dtype: str, remat: bool) -> ml_collections.Config
     return c
 
 
+def decoder_modules(spec: DecoderSpec) -> dict[str, tuple[Any, tuple]]:
+    """{component: (float32 module, its dummy inputs)}: what the random weights are initialised from."""
+    return {"text_encoder": (clip_text.CLIPTextModel(config=spec.text_config), clip_text.dummy_inputs(spec.text_config)),
+            "unet": (unet.UNet2DConditionModel(config=spec.unet_config), unet.dummy_inputs(spec.unet_config)),
+            "vae": (vae.AutoencoderKL(config=spec.vae_config), vae.dummy_inputs(spec.vae_config))}
+
+
 def random_decoder_params(spec: DecoderSpec, sharding: Any) -> dict[str, Any]:
     """Random float32 decoder weights, initialised on the devices (nothing crosses the host)."""
-    modules = {"text_encoder": (clip_text.CLIPTextModel(config=spec.text_config), clip_text.dummy_inputs(spec.text_config)),
-               "unet": (unet.UNet2DConditionModel(config=spec.unet_config), unet.dummy_inputs(spec.unet_config)),
-               "vae": (vae.AutoencoderKL(config=spec.vae_config), vae.dummy_inputs(spec.vae_config))}
     params = {}
-    for i, (name, (module, inputs)) in enumerate(modules.items()):
+    for i, (name, (module, inputs)) in enumerate(decoder_modules(spec).items()):
         init = jax.jit(lambda k, m=module, x=inputs: m.init(k, *x)["params"], out_shardings=sharding)
         params[name] = init(jax.random.key(100 + i))
     return params
@@ -231,11 +235,38 @@ class Setup:
 
 
 def make_setup(preset: Preset, spec: DecoderSpec, decoder_params: dict, dtype: str, remat: bool,
-               mesh: Any) -> Setup:
+               mesh: Any, abstract: bool = False) -> Setup:
+    """`abstract`: the frozen backbone as shapes only (for `residual_bytes_per_image`; nothing runs)."""
     config = run_config(preset, dtype, remat)
     model, init_params, _ = model_build.build_model(config, spec)
-    frozen = {"decoder": decoder_params, **model_build.frozen_backbone(config, init_params, None)}
+    backbone = lambda: model_build.frozen_backbone(config, init_params, None)  # noqa: E731
+    frozen = {"decoder": decoder_params, **(jax.eval_shape(backbone) if abstract else backbone())}
     return Setup(spec, config, model, init_params, frozen, mesh)
+
+
+def residual_bytes_per_image(setup: Setup) -> int:
+    """Bytes the backward of the loss keeps from the forward, per image: the residuals of jax.vjp
+    w.r.t. the trainable params at batch 2 minus batch 1, read abstractly (eval_shape: nothing runs,
+    any backend). What remat trades for recomputation; XLA's temp memory adds its own working space
+    (and XLA:CPU's memory analysis does not reflect remat at all: tests/test_mixed_precision.py)."""
+    spec, size = setup.spec, int(setup.config.backbone.image_size)
+    params = jax.eval_shape(setup.init_params, jax.random.key(0))
+    trainable, _ = step_lib.split_params(params, bool(setup.config.backbone.frozen))
+    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    frozen = abstract(setup.frozen)
+
+    def total(batch_size: int) -> int:
+        batch = {"backbone": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+                 "decoder": jax.ShapeDtypeStruct((batch_size, spec.image_size, spec.image_size, 3), jnp.float32)}
+
+        def pullback(p: Any, f: Any, b: Any, k: Any) -> Any:
+            return jax.vjp(lambda p: setup.model.loss(p, f, b, k, jnp.float32(1.0))[0], p)[1]
+
+        leaves = jax.tree.leaves(jax.eval_shape(pullback, trainable, frozen, batch, jax.random.key(0)))
+        return sum(int(np.prod(r.shape)) * r.dtype.itemsize for r in leaves
+                   if not jnp.issubdtype(r.dtype, jax.dtypes.prng_key))
+
+    return total(2) - total(1)
 
 
 def time_one(setup: Setup, batch_per_device: int, latents: str, steps: int, warmup: int) -> dict[str, Any]:
@@ -334,7 +365,9 @@ def markdown(result: dict) -> str:
             ratios = ", ".join(f"{k}: {v:.2f}" for k, v in r.get("ours_step_ms_over_torch", {}).items())
             lines.append(f"| {r['batch']} | {r['kind']} | {r['device']} | {r['step_ms']:.1f} | "
                          f"{r['images_per_s']:.1f} | {ratios or '-'} |")
-    lines += ["", f"Params: {result['params']}."]
+    residuals = ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in result.get("residual_bytes_per_image", {}).items())
+    lines += ["", f"Activations kept for the backward, per image (abstract): {residuals}.",
+              f"Params: {result['params']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -415,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
         setup = make_setup(preset, spec, decoder_params, args.dtype, remat, mesh)
         result["params"] = {"decoder": {k: count(v) for k, v in decoder_params.items()},
                             "encoder": count(jax.eval_shape(setup.init_params, jax.random.key(0)))}
+        result.setdefault("residual_bytes_per_image", {})[f"remat={remat}"] = \
+            residual_bytes_per_image(setup)
         for lat in latents:
             for b in args.batches:
                 row: dict[str, Any] = {"batch_per_device": b, "remat": remat, "latents": lat}

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+
 from bench import throughput
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +35,7 @@ def test_tiny_preset_runs_and_writes_json_and_markdown(tmp_path):
     assert run["mfu"] is None  # no peak is known for a CPU
     assert run["xla_memory"]["temp_size_in_bytes"] > 0
     assert set(result["params"]["decoder"]) == {"text_encoder", "unet", "vae"}
+    assert result["residual_bytes_per_image"]["remat=True"] > 0
     table = (tmp_path / "throughput.md").read_text()
     assert "| 2 | True | step |" in table and "step ms" in table
 
@@ -59,3 +62,20 @@ def test_sd2_base_preset_has_the_published_shapes():
     assert config.backbone.variant == "L/14" and config.backbone.image_size == 280
     assert config.encoder.num_queries == 75 and config.encoder.pooler_blocks == 5
     assert config.encoder.pooler_width == 1024
+
+
+def test_sd2_base_activation_memory_per_image_with_and_without_remat():
+    """The backward's residuals per 512 px image at the paper's scale, abstract (nothing runs).
+
+    Measured on CPU 2026-12-05: float32 5.37 GiB without remat, 0.155 GiB with it (issue 21's
+    5.5 GB / 0.15 GB); bfloat16 3.82 GiB and 0.083 GiB (norms and softmax keep float32)."""
+    preset = throughput.PRESETS["sd2-base"]
+    spec = throughput.decoder_spec(preset)
+    decoder = {name: jax.eval_shape(lambda m=module, x=inputs: m.init(jax.random.key(0), *x)["params"])
+               for name, (module, inputs) in throughput.decoder_modules(spec).items()}
+    per_image = {}
+    for remat in (False, True):
+        setup = throughput.make_setup(preset, spec, decoder, "bfloat16", remat, mesh=None, abstract=True)
+        per_image[remat] = throughput.residual_bytes_per_image(setup)
+    gib = {k: v / 2**30 for k, v in per_image.items()}
+    assert 3.0 < gib[False] < 4.5 and 0.05 < gib[True] < 0.12, gib
