@@ -1,4 +1,5 @@
-"""bench/throughput.py: the `--tiny` preset runs the real train step on CPU and writes every field."""
+"""bench/throughput.py: the `--tiny` preset runs the real train step (and `--compare torch`, diffusers' UNet)
+on CPU and writes every field; the sd2-base preset has the published shapes and activation memory."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_tiny_preset_runs_and_writes_json_and_markdown(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, "-m", "bench.throughput", "--tiny", "--batch", "2", "--steps", "3",
-           "--warmup", "1", "--out", str(tmp_path)]
+           "--warmup", "1", "--compare", "torch", "--out", str(tmp_path)]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=600, capture_output=True)
     result = json.loads((tmp_path / "throughput.json").read_text())
     assert result["preset"] == "tiny" and result["dtype"] == "bfloat16"
@@ -36,8 +37,13 @@ def test_tiny_preset_runs_and_writes_json_and_markdown(tmp_path):
     assert run["xla_memory"]["temp_size_in_bytes"] > 0
     assert set(result["params"]["decoder"]) == {"text_encoder", "unet", "vae"}
     assert result["residual_bytes_per_image"]["remat=True"] > 0
+    # diffusers' PyTorch UNet at the same config and batch: fine-tune and frozen input-gradient steps.
+    assert [r["kind"] for r in result["torch"]] == ["finetune", "frozen_input_grad"]
+    for row in result["torch"]:
+        assert row["device"] == "cpu" and row["batch"] == 2 and row["step_ms"] > 0
+        assert row["ours_step_ms_over_torch"]["remat=True,latents=step"] > 0
     table = (tmp_path / "throughput.md").read_text()
-    assert "| 2 | True | step |" in table and "step ms" in table
+    assert "| 2 | True | step |" in table and "step ms" in table and "| 2 | finetune | cpu |" in table
 
 
 def test_peak_table_matches_device_kinds():
