@@ -31,8 +31,10 @@ def test_train_resume_and_export_a_loadable_float16_folder(tmp_path, capsys):
     first = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in first] == [1, 2] and all(np.isfinite(r["loss"]) for r in first)
 
-    # A second phase (here with word-soup captions) resumes at step 2; both phases are recorded.
-    assert pretrain_decoder.main(common + ["--steps", "3", "--soup-fraction", "0.25"]) == 0
+    # A second phase (here with word-soup captions) resumes at step 2, its changes named; both phases
+    # are recorded.
+    assert pretrain_decoder.main(common + ["--steps", "3", "--soup-fraction", "0.25",
+                                           "--allow-changes", "steps,soup_fraction"]) == 0
     assert "resumed from step 2" in capsys.readouterr().out
     assert json.loads((workdir / "args.json").read_text())["steps"] == 3
 
