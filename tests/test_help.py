@@ -39,6 +39,8 @@ ENTRY_POINTS = [
     (["-m", "projects.miniworld.pretrain_decoder", "--help"], True),
     (["-m", "projects.miniworld.pretrain_backbone", "--help"], True),
     (["-m", "projects.miniworld.classifier", "--help"], True),
+    (["-m", "projects.miniworld.pretrain_vae", "--help"], True),
+    (["-m", "projects.miniworld.third_party", "--help"], True),
 ]
 
 
