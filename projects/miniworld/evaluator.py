@@ -129,20 +129,26 @@ def caption_sources() -> list[CaptionSource]:
 
 def evaluate(decoder: Any, text_sources: Sequence[Any], indices: Sequence[int], workdir: str | Path, *,
              num_steps: int = 25, guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 128,
-             mesh: Any = None, classifier_dir: str | Path | None = None,
-             progress: bool = False) -> dict[str, Any]:
+             mesh: Any = None, classifier_dir: str | Path | None = None, progress: bool = False,
+             guidance_scales: Sequence[float] | None = None, generate_fn: Any = None,
+             generator_key: str | None = None) -> dict[str, Any]:
     """Redraws `indices` from each text source and scores them; returns the protocol's results.
 
     Each row of results["sources"] has "fid" (world-FID) and "scores" (the attributes) per guidance.
-    `rows_of(results)` gives {source: {world_fid, occupancy, ...}} at the (single) guidance scale.
+    `rows_of(results)` gives {source: {world_fid, occupancy, ...}} at one guidance scale.
+    `guidance_scales` sweeps several (default: `guidance_scale` alone); `generate_fn` and
+    `generator_key` draw with another text-to-image tool than `decoder` (the protocol's
+    `GenerateFn`, e.g. `third_party.diffusers_renderer`).
     """
     params, config = classifier.load_classifier(classifier_dir)
     indices = np.asarray(indices, np.int64)
+    scales = [float(g) for g in (guidance_scales or [guidance_scale])]
     return reconstruction.run_protocol(
-        SceneSource(indices), list(text_sources), decoder, [float(guidance_scale)], int(num_steps),
+        SceneSource(indices), list(text_sources), decoder, scales, int(num_steps),
         ClassifierFeatures(params, config), workdir, shard_size=max(len(indices), 1), seed=seed,
         batch_size=batch_size, mesh=mesh, resolution=scenes.IMAGE_SIZE, extract_batch_size=256,
-        scorer=AttributeScorer(params, config), progress=progress)
+        scorer=AttributeScorer(params, config), progress=progress, generate_fn=generate_fn,
+        generator_key=generator_key)
 
 
 def rows_of(results: Mapping[str, Any], guidance: str | None = None) -> dict[str, dict[str, float]]:

@@ -17,6 +17,14 @@ conditions on CLIP's: `--text-encoder-from projects/miniworld/assets/backbone
 --freeze-text-encoder` (assets/decoder/README.md has its exact commands).
 
 The exported folder is loaded by `t2i.folder.load_decoder` exactly like a real Stable Diffusion folder.
+
+`--vae FOLDER` trains the world's SECOND decoder, of the other family: a latent diffusion model (a
+stock Stable Diffusion layout: the world `AutoencoderKL` of `pretrain_vae`, frozen; a stock UNet of
+another architecture, `LATENT_UNET_CONFIG`; the same frozen world-CLIP text tower). It is the world's
+third-party text-to-image tool, as SD2 is the paper's (assets/sd_world/README.md):
+
+    python -m projects.miniworld.pretrain_decoder --workdir workdirs/sd_world --vae projects/miniworld/assets/vae \
+        --text-encoder-from projects/miniworld/assets/backbone --freeze-text-encoder --seed 1 ...
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder-from",
                    help="a transformers CLIP folder whose text tower starts the text encoder, e.g. the world "
                         "CLIP projects/miniworld/assets/backbone (v4 used it, frozen)")
+    p.add_argument("--vae", help="a world AutoencoderKL folder (pretrain_vae): train a LATENT decoder, a stock "
+                                 "Stable Diffusion layout (LATENT_UNET_CONFIG), on its latents; the VAE is frozen")
     p.add_argument("--freeze-text-encoder", action="store_true",
                    help="train the UNet only (Stable Diffusion's recipe; the text encoder is out of the optimizer)")
     p.add_argument("--log-every", type=int, default=100)
@@ -127,6 +137,31 @@ UNET_CONFIG = {
     "freq_shift": 0,
     "act_fn": "silu",
 }
+# The latent decoder's UNet (with --vae): diffusers' STOCK UNet2DConditionModel, nothing the
+# diffusers classes would ignore, and another architecture than the pixel one: 4-channel 8x8 latents,
+# levels at 8, 4 and 2 latents (the last one a 2x2 grid: one position per scene cell), twice as
+# wide at 8x8, per-level head counts. Without the learned attention
+# positions of the pixel decoder, positions come from the zero padding of the convolutions, which
+# tells the four cells apart at the 2x2 level (as Stable Diffusion learns layout).
+LATENT_UNET_CONFIG = {
+    "sample_size": scenes.IMAGE_SIZE // 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [64, 128, 128],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3,
+    "up_block_types": ["CrossAttnUpBlock2D"] * 3,
+    "attention_head_dim": [4, 8, 8],  # diffusers' name; it is the number of heads per level
+    "use_linear_projection": True,
+    "cross_attention_dim": 128,
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 4,
+    "norm_num_groups": 16,
+    "norm_eps": 1e-5,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "act_fn": "silu",
+}
 SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler",
     "num_train_timesteps": 1000,
@@ -143,7 +178,7 @@ SCHEDULER_CONFIG = {
 }
 
 
-def build_configs(tokenizer: Any) -> tuple[Any, Any, Any]:
+def build_configs(tokenizer: Any, latent: bool = False) -> tuple[Any, Any, Any]:
     text = clip_text.CLIPTextConfig.from_dict(
         {
             **TEXT_CONFIG,
@@ -154,7 +189,8 @@ def build_configs(tokenizer: Any) -> tuple[Any, Any, Any]:
             "pad_token_id": int(tokenizer.pad_token_id),
         }
     )
-    return text, unet.UNetConfig.from_dict(UNET_CONFIG), schedules.NoiseSchedule.from_dict(SCHEDULER_CONFIG)
+    unet_config = unet.UNetConfig.from_dict(LATENT_UNET_CONFIG if latent else UNET_CONFIG)
+    return text, unet_config, schedules.NoiseSchedule.from_dict(SCHEDULER_CONFIG)
 
 
 def batch_for_step(seed: int, step: int, batch: int, tokenizer: Any,
@@ -234,7 +270,12 @@ class Trainer:
 
         self.args = args
         self.tokenizer = world_tokenizer.load_tokenizer()
-        self.text_config, self.unet_config, self.schedule = build_configs(self.tokenizer)
+        self.vae_config, self.vae_params = None, None
+        if getattr(args, "vae", None):  # a latent decoder: the frozen world VAE maps images to latents
+            from projects.miniworld import pretrain_vae
+
+            self.vae_config, self.vae_params = pretrain_vae.load_vae(args.vae)
+        self.text_config, self.unet_config, self.schedule = build_configs(self.tokenizer, self.vae_config is not None)
         self.text_model = clip_text.CLIPTextModel(config=self.text_config)
         self.unet_model = unet.UNet2DConditionModel(config=self.unet_config)
         # clip(1) -> Adam -> warmup-cosine lr, from the core's optimizer module.
@@ -287,8 +328,12 @@ class Trainer:
         return self.text_model.apply(text_params, token_embeds=embeds, eos_positions=eos).last_hidden_state
 
     def loss_fn(self, params: Any, images: jax.Array, ids: jax.Array, rng: jax.Array,
-                mixing: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        k_t, k_noise = jax.random.split(rng)
+                mixing: tuple[jax.Array, jax.Array] | None = None, vae_params: Any = None) -> jax.Array:
+        k_t, k_noise, k_latent = jax.random.split(rng, 3)
+        if self.vae_config is not None:  # a posterior sample of the frozen VAE, as SD's training scripts
+            from dediffusion_jax.t2i import vae as vae_lib
+
+            images = vae_lib.latents_from_images(vae_params, self.vae_config, images, k_latent)
         b = images.shape[0]
         t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
         noise = jax.random.normal(k_noise, images.shape)
@@ -305,7 +350,8 @@ class Trainer:
         trained = {k: state["params"][k] for k in self.trainable}
         frozen_params = {k: v for k, v in state["params"].items() if k not in self.trainable}
         loss, grads = jax.value_and_grad(
-            lambda p: self.loss_fn({**frozen_params, **p}, batch["images"], batch["ids"], rng, mixing))(trained)
+            lambda p: self.loss_fn({**frozen_params, **p}, batch["images"], batch["ids"], rng, mixing,
+                                   None if frozen is None else frozen.get("vae")))(trained)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], trained)
         trained = optax.apply_updates(trained, updates)
         params = {**frozen_params, **trained}
@@ -330,7 +376,11 @@ class Trainer:
     def step(self, state: dict, step: int) -> tuple[dict, dict]:
         """One step outside the spine (tests); `step` must equal state["step"]."""
         batch = {k: jnp.asarray(v) for k, v in self.batch(step).items()}
-        return self._step(state, None, batch, jax.random.key(self.args.seed + 1))
+        return self._step(state, self.frozen(), batch, jax.random.key(self.args.seed + 1))
+
+    def frozen(self) -> dict | None:
+        """Weights the step reads but never trains, outside the state: the latent decoder's VAE."""
+        return None if self.vae_params is None else {"vae": self.vae_params}
 
     def task(self, evaluators: list | None = None, checkpoint_json: dict | None = None) -> Any:
         """This run as a task of the trainer spine; the evaluators see the EMA params."""
@@ -339,7 +389,7 @@ class Trainer:
         return spine.Task(
             init=self.init, step_fn=self.step_fn, data=spine.StepIndexedIterator(self.batch),
             example_batch=spine.example_of(self.batch(0)), seed=int(self.args.seed),
-            rng_seed=int(self.args.seed) + 1, init_inputs=self.init_inputs(),
+            rng_seed=int(self.args.seed) + 1, init_inputs=self.init_inputs(), frozen=self.frozen(),
             view=lambda state, frozen: state["ema"], evaluators=evaluators or [],
             checkpoint_json=(lambda: checkpoint_json) if checkpoint_json is not None else None,
             # A resume with other training arguments is refused unless --allow-changes names them.
@@ -364,9 +414,11 @@ class Trainer:
         compiles once."""
         if not hasattr(self, "_decoder_spec"):
             self._decoder_spec = DecoderSpec(
-                None, self.text_config, self.unet_config, None, self.schedule, self.tokenizer)
-        return LoadedDecoder(self._decoder_spec,
-                             {"text_encoder": params["text_encoder"], "unet": params["unet"]})
+                None, self.text_config, self.unet_config, self.vae_config, self.schedule, self.tokenizer)
+        weights = {"text_encoder": params["text_encoder"], "unet": params["unet"]}
+        if self.vae_params is not None:
+            weights["vae"] = self.vae_params
+        return LoadedDecoder(self._decoder_spec, weights)
 
 
 def evaluate_gate(trainer: Trainer, params: Any, num_scenes: int = 128, guidance: float = 3.0) -> dict:
