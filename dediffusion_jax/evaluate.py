@@ -9,7 +9,8 @@
 Texts come from De-Diffusion checkpoints (--checkpoint), the dataset's captions (--captions) and
 any other captioner's JSONL ({"id", "text"} per line, --texts); the decoder folder is run by the
 project's Flax pipeline (default) or diffusers' PyTorch StableDiffusionPipeline (--backend torch),
-DDIM --steps (50), one FID per guidance scale of --guidance (1.5,2,3,4,5,6,7,8). Writes
+DDIM --steps (50), one FID and one KID per guidance scale of --guidance (1.5,2,3,4,5,6,7,8), and
+with --clip FOLDER the CLIP score of each generated image against its text. Writes
 WORKDIR/results.json, results.md (the paper-shaped table) and grid*.png. Rerunning the same command
 resumes: finished shards are skipped. See docs/evaluation.md.
 """
@@ -74,6 +75,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--reference-cache", help="folder caching reference statistics "
                                              "(default WORKDIR/reference_cache)")
+    p.add_argument("--kid-subsets", type=int, default=100,
+                   help="KID: number of random subsets (clean-fid / torch-fidelity: 100)")
+    p.add_argument("--kid-subset-size", type=int, default=1000,
+                   help="KID: images per subset, capped by the image count (default 1000)")
+    p.add_argument("--clip", metavar="FOLDER",
+                   help="also report the CLIP score: a local transformers CLIPModel folder "
+                        "(safetensors, preprocessor_config.json; run by PyTorch)")
+    p.add_argument("--clip-tokenizer", metavar="FOLDER",
+                   help="the CLIP tokenizer's folder when --clip's folder has none")
     p.add_argument("--grid-rows", type=int, default=8)
     p.add_argument("--max-shards", type=int, default=None,
                    help="stop after computing this many new shards (rerun to continue)")
@@ -89,9 +99,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.caption_modes = list(dict.fromkeys(modes))
     if not args.guidance:
         p.error("--guidance needs at least one scale")
-    for flag in ("steps", "batch_size", "shard_size", "resolution", "encode_batch_size"):
+    for flag in ("steps", "batch_size", "shard_size", "resolution", "encode_batch_size",
+                 "kid_subsets"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.kid_subset_size < 2:
+        p.error("--kid-subset-size must be >= 2")
+    if args.clip_tokenizer and not args.clip:
+        p.error("--clip-tokenizer needs --clip FOLDER")
     return args
 
 
@@ -148,7 +163,9 @@ def _main(argv: list[str], extractor: Any) -> int:
             generate_fn=generate_fn, generator_key=generator_key,
             source_key=f"{args.images}", reference_cache_dir=args.reference_cache,
             extract_batch_size=args.extract_batch_size, grid_rows=args.grid_rows,
-            max_shards=args.max_shards, progress=not args.no_progress)
+            max_shards=args.max_shards, progress=not args.no_progress,
+            kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+            clip=args.clip, clip_tokenizer=args.clip_tokenizer)
     except rc.ProtocolStopped as e:
         print(f"{e} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
         return 0
@@ -157,7 +174,10 @@ def _main(argv: list[str], extractor: Any) -> int:
             raise
         print(f"error: {errors.message(e)}", file=sys.stderr)
         return 2
-    best = ", ".join(f"{r['name']}: {r['best_fid']:.2f} @ {r['best_guidance']}"
+    from dediffusion_jax.evaluation.report import KID_LABEL, format_kid
+
+    best = ", ".join(f"{r['name']}: {r['best_fid']:.2f} @ {r['best_guidance']} "
+                     f"({KID_LABEL} {format_kid(r.get('kid_at_best'))})"
                      for r in results["sources"] if r["best_fid"] is not None)
     print(f"done in {time.perf_counter() - start:.1f}s; best FID per source: {best}",
           file=sys.stderr)

@@ -56,8 +56,17 @@ def test_kid_subsets_are_seeded_and_subset_size_is_capped_by_the_smaller_set():
     np.testing.assert_array_equal(a, kid.kid_subsets(x, y, num_subsets=5, subset_size=20, seed=3))
     assert not np.array_equal(a, kid.kid_subsets(x, y, num_subsets=5, subset_size=20, seed=4))
     assert len(set(a.tolist())) > 1  # subsets differ
-    # m = min(1000, 50, 30) = 30: y is used whole in every subset, x subsampled
-    np.testing.assert_allclose(kid.kid_subsets(x[:30], y, num_subsets=3), kid.mmd2_unbiased(x[:30], y))
+    # each value is the direct MMD²_u of the subsets drawn without replacement (x's, then y's)
+    rng = np.random.default_rng(3)
+    for value in a:
+        ix, iy = rng.choice(50, 20, replace=False), rng.choice(30, 20, replace=False)
+        assert value == pytest.approx(direct_mmd2(x[ix], y[iy]), rel=1e-10)
+    # m = min(1000, 50, 30) = 30: y is used whole in every subset, x subsampled, so values vary
+    capped = kid.kid_subsets(x, y, num_subsets=3)
+    assert len(set(capped.tolist())) == 3
+    # the full-set shortcut (m = n_x = n_y) gives what sampling would
+    np.testing.assert_allclose(kid.kid_subsets(x[:30], y, num_subsets=2),
+                               direct_mmd2(x[:30], y), rtol=1e-10)
     with pytest.raises(ValueError, match="at least 2"):
         kid.kid_subsets(x, y[:1])
     with pytest.raises(ValueError, match="dims"):

@@ -2,7 +2,22 @@
 
 image -> text (De-Diffusion, captions, any captioner) -> a third-party text-to-image model (DDIM,
 a sweep of classifier-free guidance scales) -> images resized to `resolution` -> FID against the
-source images (centre-cropped and resized the same way), one FID per (text source, guidance).
+source images (centre-cropped and resized the same way), one FID per (text source, guidance);
+beside it the unbiased KID (`evaluation/kid.py`) of the same features and, optionally, the CLIP
+score of each generated image against its own text (`evaluation/clip_score.py`).
+
+The resize (the paper's 256x256): PIL bicubic, antialiased, to uint8, as clean-fid's "clean" mode
+advocates (not torch's aliasing bilinear). A generated image is resized whole
+(`Image.resize((R, R), BICUBIC)`; a non-square one, which SD never draws, is centre-cropped like a
+source image); a source image is decoded, and its centred square of side min(H, W) resized by the
+one PIL call `Image.resize((R, R), BICUBIC, box=centre_square)`. That is the centre crop followed by
+the resize, except that PIL's bicubic taps at the square's two cut edges read the real neighbouring
+pixels instead of repeating the edge (and an odd margin is split exactly, by half a pixel): the
+two differ only on the outermost output columns (or rows) (tests/test_reconstruction_resize.py).
+An image already RxR is used as it is. A JPEG whose shorter side is at least 2R decodes at a
+reduced DCT scale first (`decode_image(min_side=R)`; COCO's 640x480 never does at R = 256).
+The FID network then resizes to its own input (299 for Inception, with pytorch-fid's bilinear,
+`evaluation/inception.py`).
 
 Work is cut into units (text source, guidance, image shard). Each finished unit is one .npz of
 features (plus PNG previews of the first `grid_rows` images) written atomically, so an
@@ -18,9 +33,12 @@ Layout of `workdir`:
     reference/previews/00000_000.png            originals for the grids (shard, position)
     reference_cache/ref_<hash>.npz              FeatureStats of all source images (the cache,
                                                 keyed by source + count + resolution + extractor)
+    reference_cache/features/ref_<hash>.npz     {ids, features} of all source images (for KID;
+                                                caches written before KID lack it)
     sources/<slug>/source.json                  {name, key}
     sources/<slug>/texts_00000.jsonl            the texts given to the model
-    sources/<slug>/g3.0/shard_00000.npz         {ids, features} of the generated images
+    sources/<slug>/g3.0/shard_00000.npz         {ids, features, [clip_cos, clip_model]} of the
+                                                generated images
     sources/<slug>/g3.0/previews/00000_000.png  the same images, generated
     results.json  results.md  grid.png  grid_g3.0.png ...
 
@@ -39,13 +57,15 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from dediffusion_jax.data.preprocess import CorruptExampleError, decode_image
 from dediffusion_jax.evaluation.fid import FeatureExtractor, FeatureStats, fid_from_stats
+from dediffusion_jax.evaluation.kid import (KID_NUM_SUBSETS, KID_SUBSET_SIZE,
+                                            kernel_inception_distance)
 from dediffusion_jax.evaluation.text_sources import TextSource
 
 PAPER_GUIDANCE_SCALES: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
@@ -59,6 +79,15 @@ GenerateFn = Callable[[list[str], float, int], np.ndarray]
 # per-image counts, so a metric pooled over shards is sum(hits) / sum(counts), whatever the sharding
 # (e.g. colour accuracy over the objects of each image, 1 or 2 per image).
 ImageScorer = Callable[[np.ndarray, list[dict]], dict[str, tuple[np.ndarray, np.ndarray]]]
+
+
+class TextImageScorer(Protocol):
+    """What the protocol needs of a CLIP scorer (`clip_score.ClipScorer`): a `name` recorded in
+    every unit, and per-pair cosines of generated images and the texts they were drawn from."""
+
+    name: str
+
+    def cosines(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray: ...
 
 
 class ProtocolStopped(RuntimeError):
@@ -228,6 +257,11 @@ def run_protocol(
     progress: bool = True,
     scorer: ImageScorer | None = None,
     scorer_key: str | None = None,
+    kid_subsets: int = KID_NUM_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    kid_seed: int = 0,
+    clip: str | os.PathLike | TextImageScorer | None = None,
+    clip_tokenizer: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) the reconstruction-FID protocol; returns the results (= results.json).
 
@@ -249,12 +283,25 @@ def run_protocol(
       scorer / scorer_key: an optional `ImageScorer` that rates each generated image against its
         source record (e.g. an attribute classifier), and a string naming it (recorded like the
         extractor); each row of the results then has `scores[guidance][metric]`.
+      kid_subsets / kid_subset_size / kid_seed: the KID estimator's subsets (clean-fid's and
+        torch-fidelity's 100 x 1000 by default); they change no unit, only the results.
+      clip / clip_tokenizer: a transformers CLIPModel folder (and its tokenizer's folder when it
+        keeps none), or a ready `TextImageScorer`: each row then has `clip_score[guidance]`.
+        Finished units without CLIP cosines of this model are generated again.
     """
     workdir = Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
     guidance_scales = [float(g) for g in guidance_scales]
     if not guidance_scales:
         raise ValueError("give at least one guidance scale")
+    if kid_subsets < 1 or kid_subset_size < 2:
+        raise ValueError(f"KID needs kid_subsets >= 1 and kid_subset_size >= 2, got {kid_subsets} "
+                         f"and {kid_subset_size}")
+    if clip is not None and not hasattr(clip, "cosines"):
+        from dediffusion_jax.evaluation.clip_score import ClipScorer
+
+        clip = ClipScorer(clip, clip_tokenizer)
+    clip_key = None if clip is None else str(clip.name)
     names = [t.name for t in text_sources]
     if not names or len(set(map(slug, names))) != len(names):
         raise ValueError(f"text sources need distinct names, got {names}")
@@ -297,12 +344,20 @@ def run_protocol(
     def unit_path(t: TextSource, g: float, k: int) -> Path:
         return unit_dir(t, g) / f"shard_{k:05d}.npz"
 
+
+    def done(t: TextSource, g: float, k: int) -> bool:
+        return _unit_done(unit_path(t, g, k), clip_key)
+
     units_total = num_shards * len(text_sources) * len(guidance_scales)
-    units_done_before = sum(unit_path(t, g, k).is_file() for k in range(num_shards)
+    units_done_before = sum(done(t, g, k) for k in range(num_shards)
                             for t in text_sources for g in guidance_scales)
     log(f"reconstruction FID: {total} images in {num_shards} shard(s) of {shard_size}; "
         f"{len(text_sources)} text source(s) x {len(guidance_scales)} guidance scale(s); "
         f"{units_done_before}/{units_total} units already done; extractor {extractor.name}")
+    redo = sum(unit_path(t, g, k).is_file() for k in range(num_shards)
+               for t in text_sources for g in guidance_scales) - units_done_before
+    if redo:
+        log(f"{redo} finished unit(s) lack CLIP cosines of {clip_key}: they are generated again")
     bar = log.bar(units_total, units_done_before)
     new_units = 0
 
@@ -311,12 +366,15 @@ def run_protocol(
                  for i in range(0, len(images), extract_batch_size)]
         return np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
 
+    ref_feats_cache = _features_cache_path(ref_cache)
     for k in range(num_shards):
-        need_ref_feats = (not ref_cache.is_file()
-                          and not (ref_dir / f"features_{k:05d}.npz").is_file())
+        have_shard_feats = (ref_dir / f"features_{k:05d}.npz").is_file()
+        need_ref_feats = not ref_cache.is_file() and not have_shard_feats
+        # KID needs the features themselves: kept whenever the shard is decoded anyway (a cache
+        # from before KID has only the statistics); a shard is never decoded for them alone
+        want_ref_feats = not ref_feats_cache.is_file() and not have_shard_feats
         need_ref_info = not (ref_dir / f"shard_{k:05d}.json").is_file()
-        todo = [(t, g) for t in text_sources for g in guidance_scales
-                if not unit_path(t, g, k).is_file()]
+        todo = [(t, g) for t in text_sources for g in guidance_scales if not done(t, g, k)]
         if not (need_ref_feats or need_ref_info or todo):
             continue
         records, images, skipped, index = _load_shard(source, k, shard_size, total, resolution,
@@ -327,7 +385,7 @@ def run_protocol(
         # previews of the first `grid_rows` source images, wherever their shard is
         preview = [j for j, i in enumerate(index) if i < grid_rows]
         _save_previews(ref_dir / "previews", images[preview], k)
-        if need_ref_feats:
+        if need_ref_feats or want_ref_feats:
             _atomic_savez(ref_dir / f"features_{k:05d}.npz", ids=np.array(ids, dtype=str),
                           features=extract(images))
         for t in text_sources:
@@ -345,7 +403,8 @@ def run_protocol(
                 _save_previews(unit_dir(t, g) / "previews", generated[preview], k)
                 path = unit_path(t, g, k)
                 _atomic_savez(path, ids=np.array(ids, dtype=str), features=extract(generated),
-                              **_score_arrays(scorer, generated, records))
+                              **_score_arrays(scorer, generated, records),
+                              **_clip_arrays(clip, generated, texts))
                 new_units += 1
                 bar.update(1)
                 info = {"source": t.name, "guidance": g, "shard": k, "path": str(path)}
@@ -357,8 +416,11 @@ def run_protocol(
                     if remaining > 0:
                         raise ProtocolStopped(new_units, remaining)
     bar.close()
+    kid_settings = {"num_subsets": int(kid_subsets), "subset_size": int(kid_subset_size),
+                    "seed": int(kid_seed)}
     return _finalise(workdir, text_sources, slugs, guidance_scales, num_shards, ref_cache,
-                     settings, unit_path, unit_dir, grid_rows, source, resolution, log)
+                     settings, unit_path, unit_dir, grid_rows, source, resolution, log,
+                     kid_settings, clip_key)
 
 
 class _Log:
@@ -449,6 +511,73 @@ def _score_arrays(scorer: ImageScorer | None, images: np.ndarray,
     return out
 
 
+def _clip_arrays(clip: TextImageScorer | None, images: np.ndarray,
+                 texts: list[str]) -> dict[str, np.ndarray]:
+    """Per-image CLIP cosines against the prompts, as npz fields `clip_cos` and `clip_model`."""
+    if clip is None:
+        return {}
+    cos = np.asarray(clip.cosines(images, texts), np.float64).reshape(-1)
+    if cos.shape != (len(texts),):
+        raise RuntimeError(f"CLIP scorer gave {cos.shape[0]} cosines for {len(texts)} images")
+    return {"clip_cos": cos, "clip_model": np.array(clip.name)}
+
+
+def _unit_done(path: Path, clip_key: str | None) -> bool:
+    """A unit is done when its file exists (and holds CLIP cosines of `clip_key`, if asked)."""
+    if not path.is_file():
+        return False
+    if clip_key is None:
+        return True
+    with np.load(path) as z:
+        return "clip_model" in z.files and str(z["clip_model"]) == clip_key
+
+
+def _pooled_clip(paths: list[Path], clip_key: str) -> float | None:
+    """The CLIP score over every image of the units (None when a unit lacks this model's cosines)."""
+    cos = []
+    for p in paths:
+        with np.load(p) as z:
+            if "clip_cos" not in z.files or str(z["clip_model"]) != clip_key:
+                return None
+            cos.append(z["clip_cos"])
+    from dediffusion_jax.evaluation.clip_score import clip_score
+
+    value = clip_score(np.concatenate(cos)) if cos else float("nan")
+    return value if math.isfinite(value) else None
+
+
+def _features_cache_path(ref_cache: Path) -> Path:
+    """CACHE/ref_<hash>.npz -> CACHE/features/ref_<hash>.npz: the reference features for KID, in a
+    folder of their own so that CACHE/ref_*.npz stays the statistics alone."""
+    return ref_cache.parent / "features" / ref_cache.name
+
+
+def _reference_features(ref_cache: Path, ref_dir: Path, ref_ids: list[list[str]]
+                        ) -> tuple[np.ndarray | None, str | None]:
+    """All source-image features in shard order, for KID: from the cache's companion file, else
+    from the workdir's per-shard files (then written to the cache); else (None, why)."""
+    path = _features_cache_path(ref_cache)
+    flat = [i for ids in ref_ids for i in ids]
+    if path.is_file():
+        ids, feats = _load_features(path)
+        if ids != flat:
+            return None, (f"KID n/a: {path} holds other image ids than this workdir's reference "
+                          "shards (delete it to rebuild)")
+        return feats, None
+    shard_paths = [ref_dir / f"features_{k:05d}.npz" for k in range(len(ref_ids))]
+    missing = [p.name for p in shard_paths if not p.is_file()]
+    if missing:
+        return None, (f"KID n/a: the reference cache {ref_cache.name} predates KID (statistics only) "
+                      f"and {len(missing)} of WORKDIR/reference/features_*.npz are missing; use a "
+                      "new --reference-cache folder to extract the reference features again")
+    loaded = [_load_features(p) for p in shard_paths]
+    if [i for ids, _ in loaded for i in ids] != flat:
+        return None, "KID n/a: WORKDIR/reference/features_*.npz do not match the reference shards"
+    feats = np.concatenate([f for _, f in loaded if len(f)] or [np.zeros((0, 0), np.float32)])
+    _atomic_savez(path, ids=np.array(flat, dtype=str), features=feats)
+    return feats, None
+
+
 def _pooled_scores(paths: list[Path]) -> dict[str, float]:
     """sum(hits) / sum(counts) of every metric over the shards (0 where nothing was counted)."""
     hits: dict[str, float] = {}
@@ -463,20 +592,24 @@ def _pooled_scores(paths: list[Path]) -> dict[str, float]:
     return {m: hits[m] / max(counts[m], 1.0) for m in sorted(hits)}
 
 
-def _merged_stats(paths: list[Path], name: str) -> tuple[FeatureStats | None, list[list[str]]]:
-    stats, ids = None, []
+def _merged_stats(paths: list[Path], name: str
+                  ) -> tuple[FeatureStats | None, list[list[str]], list[np.ndarray]]:
+    """(statistics merged shard by shard, ids per shard, the non-empty shards' features)."""
+    stats, ids, kept = None, [], []
     for p in paths:
         shard_ids, feats = _load_features(p)
         ids.append(shard_ids)
         if len(feats) == 0:
             continue
+        kept.append(feats)
         s = FeatureStats.from_features(feats, name)
         stats = s if stats is None else stats.merge(s)
-    return stats, ids
+    return stats, ids, kept
 
 
 def _finalise(workdir, text_sources, slugs, guidance_scales, num_shards, ref_cache, settings,
-              unit_path, unit_dir, grid_rows, source, resolution, log) -> dict[str, Any]:
+              unit_path, unit_dir, grid_rows, source, resolution, log, kid_settings,
+              clip_key) -> dict[str, Any]:
     ref_dir = workdir / "reference"
     infos = [json.loads((ref_dir / f"shard_{k:05d}.json").read_text()) for k in range(num_shards)]
     ref_ids = [info["ids"] for info in infos]
@@ -485,7 +618,8 @@ def _finalise(workdir, text_sources, slugs, guidance_scales, num_shards, ref_cac
     if ref_cache.is_file():
         ref = FeatureStats.load(ref_cache)
     else:
-        ref, _ = _merged_stats([ref_dir / f"features_{k:05d}.npz" for k in range(num_shards)], name)
+        ref, _, _ = _merged_stats([ref_dir / f"features_{k:05d}.npz" for k in range(num_shards)],
+                                  name)
         if ref is None:
             raise ValueError("no readable source images")
         ref_cache.parent.mkdir(parents=True, exist_ok=True)
@@ -496,27 +630,44 @@ def _finalise(workdir, text_sources, slugs, guidance_scales, num_shards, ref_cac
             {k: settings[k] for k in ("source", "num_images", "resolution", "extractor")},
             indent=1))
 
+    ref_feats, kid_note = _reference_features(ref_cache, ref_dir, ref_ids)
+    if kid_note:
+        log(kid_note)
+
     rows = []
     for t in text_sources:
         fids: dict[str, float] = {}
+        kids: dict[str, float | None] = {}
+        kid_stds: dict[str, float | None] = {}
         scores: dict[str, dict[str, float]] = {}
+        clips: dict[str, float | None] = {}
         for g in guidance_scales:
+            label = guidance_label(g)
             paths = [unit_path(t, g, k) for k in range(num_shards)]
-            stats, ids = _merged_stats(paths, name)
+            stats, ids, feats = _merged_stats(paths, name)
             if "scorer" in settings:
-                scores[guidance_label(g)] = _pooled_scores(paths)
+                scores[label] = _pooled_scores(paths)
+            if clip_key is not None:
+                clips[label] = _pooled_clip(paths, clip_key)
             if ids != ref_ids:
                 raise RuntimeError(f"{unit_dir(t, g)}: shard image ids differ from the reference "
                                    "shards (the source changed?); use a new workdir")
             fid = float("nan") if stats is None or stats.n < 2 or ref.n < 2 else fid_from_stats(
                 stats, ref)
-            fids[guidance_label(g)] = fid
+            fids[label] = fid
+            kids[label] = kid_stds[label] = None
+            if ref_feats is not None and stats is not None and stats.n >= 2 and len(ref_feats) >= 2:
+                kids[label], kid_stds[label] = kernel_inception_distance(
+                    np.concatenate(feats), ref_feats, **kid_settings)
         finite = {g: f for g, f in fids.items() if math.isfinite(f)}
         best = min(finite, key=finite.get) if finite else None
         rows.append({"name": t.name, "key": t.key, "dir": f"sources/{slugs[t.name]}",
                      "fid": fids, "best_guidance": best,
                      "best_fid": finite[best] if best is not None else None,
-                     **({"scores": scores} if scores else {})})
+                     "kid": kids, "kid_std": kid_stds,
+                     "kid_at_best": kids[best] if best is not None else None,
+                     **({"scores": scores} if scores else {}),
+                     **({"clip_score": clips} if clip_key is not None else {})})
 
     results = {
         "protocol": settings,
@@ -525,6 +676,9 @@ def _finalise(workdir, text_sources, slugs, guidance_scales, num_shards, ref_cac
         "skipped_images": skipped,
         "sources": rows,
         "reference_stats": str(ref_cache),
+        "kid_settings": kid_settings,
+        "kid_note": kid_note,
+        **({"clip_model": clip_key} if clip_key is not None else {}),
         "files": {"table": "results.md", "grid": "grid.png",
                   "grids": {guidance_label(g): f"grid_g{guidance_label(g)}.png"
                             for g in guidance_scales}},

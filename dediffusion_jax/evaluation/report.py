@@ -14,10 +14,34 @@ from PIL import Image, ImageDraw
 MIN_CELL = 64  # tiny images (16x16 worlds) are upscaled (nearest) to at least this for viewing
 
 
+KID_SCALE = 1000.0  # KID is shown x10^3, as papers print it (raw values are ~1e-3 for Inception)
+KID_LABEL = "KID ×10³"
+
+
 def format_fid(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     return f"{value:.2f}"
+
+
+def format_kid(value: float | None) -> str:
+    """A raw KID as its x10^3 cell ('n/a' when it could not be computed)."""
+    return format_fid(None if value is None else value * KID_SCALE)
+
+
+def _per_guidance_table(results: dict[str, Any], key: str, title: str) -> list[str]:
+    """A table of `row[key][guidance]` (KID x10^3 or CLIP score), empty when no row has `key`."""
+    rows = [r for r in results["sources"] if key in r]
+    if not rows:
+        return []
+    scales = list(results["guidance_scales"])
+    fmt = format_kid if key == "kid" else format_fid
+    lines = ["", f"| text source ({title}) | " + " | ".join(scales) + " |",
+             "|---|" + "---|" * len(scales)]
+    for row in rows:
+        lines.append(f"| {row['name']} | " + " | ".join(fmt(row[key].get(g)) for g in scales)
+                     + " |")
+    return lines
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -25,17 +49,21 @@ def markdown_table(results: dict[str, Any]) -> str:
 
     Shaped like the paper's table so the two can be read side by side; the header says which
     feature extractor and how many images produced the numbers (they are only comparable with the
-    paper's for InceptionV3 on 30K COCO 2014 val images at 256x256).
+    paper's for InceptionV3 on 30K COCO 2014 val images at 256x256). Results with KID (every run
+    since KID was added) get a column "KID ×10³ at best" (KID at the FID-best scale) and a second
+    table of KID per scale; results with CLIP scores a third table.
     """
     scales = list(results["guidance_scales"])
     p = results["protocol"]
+    has_kid = any("kid" in r for r in results["sources"])
+    kid_head, kid_rule = (f" {KID_LABEL} at best |", "---|") if has_kid else ("", "")
     lines = [
         f"Reconstruction FID (lower is better): {results['num_images']} images at "
         f"{p['resolution']}x{p['resolution']}, {p['num_steps']} DDIM steps, features "
         f"`{p['extractor']}`; bold = best guidance scale per row.",
         "",
-        "| text source (FID, lower is better) | " + " | ".join(scales) + " | best |",
-        "|---|" + "---|" * (len(scales) + 1),
+        "| text source (FID, lower is better) | " + " | ".join(scales) + " | best |" + kid_head,
+        "|---|" + "---|" * (len(scales) + 1) + kid_rule,
     ]
     for row in results["sources"]:
         cells = []
@@ -44,25 +72,38 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells.append(f"**{text}**" if g == row.get("best_guidance") else text)
         best = (f"{format_fid(row['best_fid'])} @ {row['best_guidance']}"
                 if row.get("best_guidance") is not None else "n/a")
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {best} |")
+        kid = f" {format_kid(row.get('kid_at_best'))} |" if has_kid else ""
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {best} |" + kid)
+    lines += _per_guidance_table(results, "kid", f"{KID_LABEL}, lower is better")
+    if results.get("kid_note"):
+        lines += ["", results["kid_note"]]
+    lines += _per_guidance_table(results, "clip_score", "CLIP score, higher is better")
     if results.get("skipped_images"):
         lines += ["", f"{len(results['skipped_images'])} unreadable source image(s) skipped."]
     return "\n".join(lines)
 
 
 def scores_table(results: dict[str, Any], guidance: str | None = None, *, fid_label: str = "FID ↓",
-                 metrics: Sequence[str] | None = None, fid_digits: int = 2) -> str:
+                 metrics: Sequence[str] | None = None, fid_digits: int = 2,
+                 kid_label: str | None = None, clip_label: str | None = None) -> str:
     """One guidance scale of a protocol run with an image scorer: a row per text source with its FID
-    (lower is better) and each scored metric (default: all, in the order the scorer returned them)."""
+    (lower is better), its KID x10^3 when `kid_label` names the column (e.g. KID_LABEL + " ↓"), its
+    CLIP score when `clip_label` does, and each scored metric (default: all, in the order the scorer
+    returned them). KID and CLIP are opt-in so existing tables keep their columns."""
     g = guidance or results["guidance_scales"][0]
     rows = results["sources"]
     metrics = list(metrics or (rows[0].get("scores", {}).get(g, {}) if rows else {}))
-    lines = ["| text source | " + " | ".join([fid_label, *metrics]) + " |",
-             "|---|---|" + "---|" * len(metrics)]
+    extra = [label for label in (kid_label, clip_label) if label]
+    lines = ["| text source | " + " | ".join([fid_label, *extra, *metrics]) + " |",
+             "|---|---|" + "---|" * (len(extra) + len(metrics))]
     for row in rows:
         scores = row.get("scores", {}).get(g, {})
         fid = row["fid"].get(g)
         cells = [f"{fid:.{fid_digits}f}" if fid is not None and math.isfinite(fid) else "n/a"]
+        if kid_label:
+            cells.append(format_kid(row.get("kid", {}).get(g)))
+        if clip_label:
+            cells.append(format_fid(row.get("clip_score", {}).get(g)))
         cells += [f"{scores[m]:.3f}" if m in scores else "n/a" for m in metrics]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
