@@ -68,7 +68,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(workdir: Path, decoder_dir: Path) -> list[str]:
+def run_two_processes(workdir: Path, decoder_dir: Path, expect_ok: bool = True) -> list[str]:
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "DEDIFFUSION_JAX_CACHE": "off",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -89,7 +89,7 @@ def run_two_processes(workdir: Path, decoder_dir: Path) -> list[str]:
             if p.poll() is None:
                 p.kill()
     for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-5000:]
+        assert (p.returncode == 0) == expect_ok, out[-5000:]
     return outputs
 
 
@@ -124,3 +124,14 @@ def test_two_processes_match_one_and_share_a_checkpoint(tmp_path):
     assert sorted(again) == [4, 5, 6]
     np.testing.assert_allclose([again[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5,
                                atol=1e-6)
+
+    # A workdir held by another live run: process 0 is refused, and process 1 stops with it (one lock
+    # per run, held by process 0; the others follow its outcome), naming the holder; nothing changes.
+    (workdir / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                    "started": "2026-12-06T00:00:00"}) + "\n")
+    before = (workdir / "metrics.jsonl").read_text()
+    outputs = run_two_processes(workdir, decoder_dir, expect_ok=False)
+    assert f"is in use by another run: process {os.getpid()}" in outputs[0]
+    assert "is in use by another run" in outputs[1]
+    assert (workdir / "metrics.jsonl").read_text() == before and json.loads(
+        (workdir / "lock.json").read_text())["pid"] == os.getpid()

@@ -4,6 +4,8 @@ whose scalar and image land in metrics.jsonl and TensorBoard (the event file is 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import struct
 from pathlib import Path
@@ -245,3 +247,20 @@ def test_sigterm_during_the_first_compile_stops_with_a_message(tmp_path, monkeyp
     assert summary["preempted"] and summary["step"] == 0
     assert "stopped by signal before the first step" in caplog.text
     assert not (tmp_path / "lock.json").exists()
+
+
+def test_a_source_that_yields_nothing_fails_before_the_compile(tmp_path, monkeypatch):
+    """A folder of only broken files is reported at once, not after minutes of compiling."""
+    from dediffusion_jax.train import step as step_lib
+
+    class Broken(trainer.StepIndexedIterator):
+        def __next__(self):
+            raise RuntimeError("1000 consecutive examples failed to load")
+
+    compiled = []
+    compile_step = step_lib.compile_step
+    monkeypatch.setattr(step_lib, "compile_step", lambda *a, **k: compiled.append(1) or compile_step(*a, **k))
+    task = dataclasses.replace(regression_task(), data=Broken(lambda step: None))
+    with pytest.raises(RuntimeError, match="consecutive examples failed"):
+        trainer.Trainer(task, tmp_path, trainer.Settings(total_steps=2, tensorboard=False)).run()
+    assert compiled == []

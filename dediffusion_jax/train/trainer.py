@@ -390,6 +390,10 @@ class Trainer:
             self._record("resume" if latest is not None else "start", start_step,
                          **({"config_changes": {k: list(v) for k, v in accepted.items()}} if accepted else {}))
 
+        # The first batch before the compile: a source that yields nothing usable (every file broken)
+        # is reported at once, not after minutes of compiling. Nothing is saved before step 1
+        # consumes it, so a checkpoint's data position is the same as without the early fetch.
+        first_local = next(data_iter) if start_step < total else None
         # The step, compiled ahead of time for the global batch shape, the state donated.
         rng = jax.jit(lambda: jax.random.key(task.rng_seed), out_shardings=replicated(mesh))()
         fns = step_lib.compile_step(task.step_fn, state, state_sh, frozen, frozen_sh, example, mesh, rng)
@@ -460,7 +464,7 @@ class Trainer:
         t_start = time.perf_counter()
         try:
             while step < total:
-                local = next(data_iter)
+                local, first_local = (next(data_iter) if first_local is None else first_local), None
                 batch = multihost.host_local_batch_to_global(mesh, to_device(local), fns.batch_sharding)
                 state, m = fns.step(state, frozen, batch, rng)
                 flush()  # the previous step's metrics, fetched while this step runs
