@@ -42,8 +42,9 @@ def test_attribute_scores_equal_scoring_the_redrawn_images_directly(decoder, res
         assert rows["full"][attribute] == pytest.approx(direct[attribute], abs=1e-12), attribute
     assert np.isfinite(rows["full"]["world_fid"]) and rows["full"]["world_fid"] >= 0
     table = evaluator.markdown_table(res).splitlines()
-    assert table[0] == "| text source | world-FID ↓ | " + " | ".join(metrics.ATTRIBUTES) + " |"
-    assert table[2] == (f"| full | {rows['full']['world_fid']:.1f} | "
+    assert table[0] == "| text source | world-FID ↓ | world-KID ×10³ ↓ | " + " | ".join(metrics.ATTRIBUTES) + " |"
+    assert rows["full"]["world_kid"] is not None and np.isfinite(rows["full"]["world_kid"])
+    assert table[2] == (f"| full | {rows['full']['world_fid']:.1f} | {rows['full']['world_kid'] * 1e3:.2f} | "
                         + " | ".join(f"{rows['full'][a]:.3f}" for a in metrics.ATTRIBUTES) + " |")
 
 

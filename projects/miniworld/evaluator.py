@@ -152,9 +152,11 @@ def evaluate(decoder: Any, text_sources: Sequence[Any], indices: Sequence[int], 
 
 
 def rows_of(results: Mapping[str, Any], guidance: str | None = None) -> dict[str, dict[str, float]]:
-    """{source name: {"world_fid", *ATTRIBUTES}} at `guidance` (default: the first scale)."""
+    """{source name: {"world_fid", "world_kid", *ATTRIBUTES}} at `guidance` (default: the first scale);
+    world-KID is the unbiased kernel distance of the same features (None where it could not be computed)."""
     g = guidance or results["guidance_scales"][0]
-    return {row["name"]: {"world_fid": row["fid"][g], **row["scores"][g]} for row in results["sources"]}
+    return {row["name"]: {"world_fid": row["fid"][g], "world_kid": row.get("kid", {}).get(g), **row["scores"][g]}
+            for row in results["sources"]}
 
 
 def text_statistics(texts: Sequence[str], indices: Sequence[int]) -> dict[str, float]:
@@ -164,8 +166,9 @@ def text_statistics(texts: Sequence[str], indices: Sequence[int]) -> dict[str, f
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
-    """Rows: text sources; columns: world-FID (lower is better) then attribute accuracies."""
-    return report.scores_table(dict(results), fid_label="world-FID ↓", metrics=ATTRIBUTES, fid_digits=1)
+    """Rows: text sources; columns: world-FID and world-KID x10^3 (lower is better), then attribute accuracies."""
+    return report.scores_table(dict(results), fid_label="world-FID ↓", metrics=ATTRIBUTES, fid_digits=1,
+                               kid_label="world-KID ×10³ ↓")
 
 
 def scalar_key(source_name: str) -> str:
@@ -203,7 +206,7 @@ class ReconstructionEvaluator:
         scalars = {}
         for name, row in rows_of(results).items():
             key = scalar_key(name)
-            scalars.update({f"{key}/{k}": float(v) for k, v in row.items()})
+            scalars.update({f"{key}/{k}": float(v) for k, v in row.items() if v is not None})
         texts = EncoderTextSource(view, key="").texts([{"scene_index": i} for i in self.indices])
         stats = text_statistics(texts, self.indices)
         scalars["text_recall"] = stats.get("recall", 0.0)

@@ -100,7 +100,8 @@ def transfer_rows(own: Mapping[str, Any], third: Mapping[str, Any]) -> dict[str,
         out = {}
         for row in results["sources"]:
             g = max(row["scores"], key=lambda k: (row["scores"][k]["object"], -row["fid"][k]))
-            out[row["name"]] = {"guidance": g, "world_fid": row["fid"][g], **row["scores"][g]}
+            out[row["name"]] = {"guidance": g, "world_fid": row["fid"][g],
+                                "world_kid": row.get("kid", {}).get(g), **row["scores"][g]}
         return out
 
     a, b = best(own), best(third)
@@ -132,13 +133,16 @@ def sweep_table(results: Mapping[str, Any], title: str) -> str:
 
 def transfer_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     """Each source at its best guidance through both decoders, and what transfer cost it."""
+    from dediffusion_jax.evaluation.report import format_kid
+
     lines = ["| text source | training decoder: object / world-FID (w) | third-party: object / colour / "
-             "shape / occupancy / background / world-FID (w) | transfer loss: object, world-FID |",
-             "|---|---|---|---|"]
+             "shape / occupancy / background / world-FID / world-KID ×10³ (w) | transfer loss: object, "
+             "world-FID |", "|---|---|---|---|"]
     for name, row in rows.items():
         t = row["third_party"]
         third = (f"{t['object']:.3f} / {t['colour']:.3f} / {t['shape']:.3f} / {t['occupancy']:.3f} / "
-                 f"{t['background']:.3f} / {t['world_fid']:.1f} ({t['guidance']})")
+                 f"{t['background']:.3f} / {t['world_fid']:.1f} / {format_kid(t.get('world_kid'))} "
+                 f"({t['guidance']})")
         if "training_decoder" in row:
             o, loss = row["training_decoder"], row["transfer_loss"]
             own = f"{o['object']:.3f} / {o['world_fid']:.1f} ({o['guidance']})"
