@@ -1,7 +1,7 @@
 """The world LLM: a small causal language model of the miniature world, trained on TEXT ONLY.
 
     python -m projects.miniworld.llm --workdir workdirs/world_llm --out projects/miniworld/assets/llm \
-        [--steps 1500] [--batch 32] [--seed 0] [--threads 1]
+        [--steps 1600] [--batch 32] [--seed 0] [--threads 1]
 
 PaLM 2 plays the LLM in the paper: it learned language from text and never saw De-Diffusion text. The
 world's stand-in learns the world from text the same way: App.-B-format prompts (`dediffusion_jax.
@@ -48,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m projects.miniworld.llm", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="checkpoint folder of the run (resumed when present)")
     p.add_argument("--out", default=str(DEFAULT_DIR), help="where the trained model folder is written")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak learning rate (3e-3 collapsed attention: the answers stopped depending on the context)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--simple-steps", type=int, default=500,
+                   help="curriculum: the first N steps are one-line VQA on full / shuffled captions")
     p.add_argument("--lm-weight", type=float, default=0.5,
                    help="weight of the next-token loss on the non-answer text (the answers weigh 1)")
     p.add_argument("--threads", type=int, default=1,
@@ -137,8 +140,24 @@ def _join(lines: list[tuple[str, str]], scored: Any) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def example(rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
-    """One training text: 75% VQA, 25% classification."""
+def simple_example(rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
+    """The curriculum's first texts: one VQA line whose context is the full caption (70%) or its
+    segments shuffled (30%): every answer is in the context, so the look-up is all there is to learn."""
+    from dediffusion_jax.fewshot import prompts
+    from projects.miniworld import captions, fewshot_tasks, scenes
+
+    scene = scenes.scene_from_index(_train_scene(rng))
+    segs = captions.object_segments(scene) + [captions.background_segment(scene)]
+    if rng.random() < 0.3:
+        segs = [segs[int(i)] for i in rng.permutation(len(segs))]
+    _, q, a = fewshot_tasks.random_question(scene, rng)
+    return _join([(prompts.vqa_line(captions.SEGMENT_SEP.join(segs), q), f" {a}{prompts.ANSWER_END}")], [0])
+
+
+def example(rng: np.random.Generator, simple: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """One training text: 75% VQA, 25% classification (`simple`: the curriculum's first kind)."""
+    if simple:
+        return simple_example(rng)
     return vqa_example(rng) if rng.random() < 0.75 else classify_example(rng)
 
 
@@ -191,11 +210,11 @@ def batch_tensors(tokenizer: Any, texts: list[str], spans: list[list[tuple[int, 
             "labels": torch.from_numpy(labels), "is_answer": torch.from_numpy(is_answer)}
 
 
-def batch_of_step(tokenizer: Any, seed: int, step: int, batch: int) -> list[dict[str, Any]]:
+def batch_of_step(tokenizer: Any, seed: int, step: int, batch: int, simple_steps: int = 0) -> list[dict[str, Any]]:
     """The batch of a step, a pure function of (seed, step), as MICRO micro-batches of similar
-    lengths (each padded to its own longest text)."""
+    lengths (each padded to its own longest text); the first `simple_steps` steps are the curriculum's."""
     rng = np.random.default_rng([seed, step])
-    examples = sorted((example(rng) for _ in range(batch)), key=lambda e: len(e[0]))
+    examples = sorted((example(rng, step < simple_steps) for _ in range(batch)), key=lambda e: len(e[0]))
     size = -(-batch // MICRO)
     chunks = [examples[i:i + size] for i in range(0, batch, size)]
     return [batch_tensors(tokenizer, [t for t, _ in c], [sp for _, sp in c]) for c in chunks]
@@ -265,7 +284,8 @@ def train(args: argparse.Namespace) -> Path:
     special = tokenizer.convert_tokens_to_ids(SPECIAL)
     model = LlamaForCausalLM(model_config(len(tokenizer), special))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    item = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "lm_weight": args.lm_weight}
+    item = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "lm_weight": args.lm_weight,
+            "simple_steps": args.simple_steps}
     ckpt = workdir / "state.safetensors"
     step = _load_state(ckpt, model, opt, item) if ckpt.exists() else 0
     log = open(workdir / "metrics.jsonl", "a")
@@ -274,7 +294,7 @@ def train(args: argparse.Namespace) -> Path:
     model.train()
     stop_at = min(args.steps, step + args.stop_after_steps) if args.stop_after_steps else args.steps
     while step < stop_at:
-        micro = batch_of_step(tokenizer, args.seed, step, args.batch)
+        micro = batch_of_step(tokenizer, args.seed, step, args.batch, args.simple_steps)
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr)
         opt.zero_grad(set_to_none=True)
