@@ -15,8 +15,9 @@ The model is a transformers `LlamaForCausalLM` (4 layers, width 128, RoPE) with 
 tokenizer learned from the same text; both are written as a transformers folder (float16
 safetensors, tokenizer.json) that `AutoModelForCausalLM` and the few-shot CLI's `--llm DIR` load.
 The loss is the next-token loss on the answers plus `--lm-weight` times the next-token loss on the rest
-of the text (with the answers alone, 400 steps stayed at the prior's loss: the repeated prompt lines
-are what teaches the model to look things up in its context). The batch of step s is a pure function of
+of the text. The first `--simple-steps` steps are one-line questions on full captions (a curriculum:
+the look-up is learned there). At lr 3e-3 two runs (answers only; answers + text) stayed at the
+prior's loss for 400+ steps with answers that did not depend on the context; lr 1e-3 learned. The batch of step s is a pure function of
 (seed, s), and the workdir keeps a safetensors checkpoint (weights, Adam moments, step), so a run
 stopped at any point resumes to the same weights.
 """
@@ -308,7 +309,7 @@ def train(args: argparse.Namespace) -> Path:
                                                    ignore_index=-100, reduction="none").reshape(labels.shape)
             answer_ce = (ce * is_answer).sum()
             ((answer_ce / n_answer) + args.lm_weight * (ce * ~is_answer).sum() / max(1, n_other)).backward()
-            loss_sum += float(answer_ce)
+            loss_sum += float(answer_ce.detach())
             hits += int(((logits.argmax(-1) == labels) & is_answer).sum())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

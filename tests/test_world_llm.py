@@ -1,0 +1,98 @@
+"""The world LLM: trained on text only, in the paper's prompt formats, on train scenes only; resumable;
+the committed folder records its command, seed and wall time and loads through transformers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dediffusion_jax.fewshot import prompts
+from projects.miniworld import captions, fewshot_tasks, llm, scenes
+
+
+def test_training_text_is_app_b_prompts_about_train_scenes_only(monkeypatch):
+    described = []
+    real_context, real_scene = llm._context, llm._train_scene
+    monkeypatch.setattr(llm, "_context", lambda i, rng: described.append(i) or real_context(i, rng))
+    monkeypatch.setattr(llm, "_train_scene", lambda rng: described.append(real_scene(rng)) or described[-1])
+    rng = np.random.default_rng(0)
+    for n in range(300):
+        text, spans = llm.example(rng, simple=n < 30)
+        assert spans and all(text[a:b].startswith(" ") for a, b in spans)
+        for line in text.split(prompts.SHOT_SEPARATOR):
+            assert line.startswith((prompts.VQA_INSTRUCTION + " Image context:", "Context:", "Classify the context into"))
+            assert line.endswith(("$", ".")), line
+    assert len(described) > 500
+    assert not scenes.held_out_mask()[np.array(described)].any()   # every scene described is a train scene
+
+
+def test_every_question_type_has_one_right_answer():
+    rng = np.random.default_rng(1)
+    for i in scenes.evaluation_indices(50):
+        scene = scenes.scene_from_index(int(i))
+        for qtype in fewshot_tasks.QUESTION_TYPES:
+            qa = fewshot_tasks.question(scene, qtype, rng)
+            if qa is None:
+                assert qtype == "position" and len({(o.colour, o.shape) for o in scene.objects}) == 1
+                continue
+            q, a = qa
+            if qtype == "colour":
+                assert a in scenes.COLOURS and a in captions.full_caption(scene)
+            elif qtype == "count":
+                assert a == str(len(scene.objects))
+            elif qtype == "position":
+                c, s = q.removeprefix("Where is the ").rstrip("?").split()
+                assert f"{c} {s} {a}" in captions.full_caption(scene)
+
+
+def _run(tmp_path, name, *extra):
+    workdir = tmp_path / name
+    argv = ["--workdir", str(workdir), "--out", str(workdir / "out"), "--steps", "4", "--batch", "2",
+            "--save-every", "1", *extra]
+    assert llm.main(argv) == 0
+    return workdir
+
+
+def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
+    from safetensors.numpy import load_file
+
+    straight = _run(tmp_path, "straight")
+    _run(tmp_path, "resumed", "--stop-after-steps", "2")
+    assert not (tmp_path / "resumed" / "out").exists()
+    resumed = _run(tmp_path, "resumed")
+    a = load_file(str(straight / "out" / "model.safetensors"))
+    b = load_file(str(resumed / "out" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    assert llm.main(["--workdir", str(tmp_path / "resumed"), "--steps", "5", "--batch", "2"]) == 2  # other args
+
+
+def test_the_committed_world_llm_is_a_small_float16_transformers_folder():
+    from safetensors import safe_open
+
+    folder = llm.DEFAULT_DIR
+    record = json.loads((folder / "TRAINING.json").read_text())
+    assert record["command"].startswith("python -m projects.miniworld.llm")
+    assert record["seed"] == 0 and record["wall_seconds"] > 0 and record["steps"] > 0
+    assert (folder / "model.safetensors").stat().st_size < 5_000_000
+    with safe_open(str(folder / "model.safetensors"), framework="np") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"float16"}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    assert model.config.model_type == "llama"
+    assert tok.decode(tok("of yellow bottom of circle blue dog$")["input_ids"]) == "of yellow bottom of circle blue dog$"
+
+
+@pytest.mark.parametrize("words", ["small dog photo", "circle circle circle left"])
+def test_the_tokenizer_encodes_de_diffusion_style_text_without_unknowns(words):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(llm.DEFAULT_DIR), local_files_only=True)
+    ids = tok(words)["input_ids"]
+    assert tok.unk_token_id not in ids or tok.unk_token_id == tok.eos_token_id
+    assert tok.decode(ids) == words
