@@ -127,7 +127,9 @@ def torch_generate_fn(folder: str | os.PathLike, num_steps: int, *, batch_size: 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = StableDiffusionPipeline.from_pretrained(
         os.fspath(folder), safety_checker=None, requires_safety_checker=False,
-        use_safetensors=True).to(device)
+        use_safetensors=True, low_cpu_mem_usage=False,  # (without accelerate it warns)
+        # float16 weights (SD "fp16" folders, the world's) compute in float32, as our loader does
+        dtype=torch.float32).to(device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 
