@@ -46,6 +46,7 @@ def test_diffusers_decodes_what_flax_decodes(exported):
 
 
 def test_the_committed_vae_reconstructs_held_out_scenes():
+    """(The committed copy is the latent decoder's vae/ component, float16.)"""
     info = json.loads((pretrain_vae.DEFAULT_DIR / "TRAINING.json").read_text())["reconstruction_heldout"]
     assert info["scenes"] == 364 and info["object"] >= 0.99 and info["background"] == 1.0, info
     config, params = pretrain_vae.load_vae()

@@ -23,7 +23,7 @@ stock Stable Diffusion layout: the world `AutoencoderKL` of `pretrain_vae`, froz
 another architecture, `LATENT_UNET_CONFIG`; the same frozen world-CLIP text tower). It is the world's
 third-party text-to-image tool, as SD2 is the paper's (assets/sd_world/README.md):
 
-    python -m projects.miniworld.pretrain_decoder --workdir workdirs/sd_world --vae projects/miniworld/assets/vae \
+    python -m projects.miniworld.pretrain_decoder --workdir workdirs/sd_world --vae workdirs/vae_export \
         --text-encoder-from projects/miniworld/assets/backbone --freeze-text-encoder --seed 1 ...
 """
 

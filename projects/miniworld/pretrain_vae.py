@@ -8,7 +8,7 @@ the world needs: reconstruction error plus a small KL term (SD: L1 + LPIPS + GAN
 the world's flat colours need no perceptual or adversarial term). The exported folder's
 `scaling_factor` is 1 / std of the posterior samples, as SD's 0.18215 was chosen.
 
-    python -m projects.miniworld.pretrain_vae --workdir workdirs/vae --out projects/miniworld/assets/vae
+    python -m projects.miniworld.pretrain_vae --workdir workdirs/vae --out workdirs/vae_export
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from dediffusion_jax import errors
 from dediffusion_jax.cli_flags import answer_help_early
 
-DEFAULT_DIR = Path(__file__).with_name("assets") / "vae"
+# The committed VAE is the `vae/` component of the world's latent decoder (float16, as its other
+# weights); it was exported in float32 to `assets/vae` at git c51c28e and trained the UNet from there.
+DEFAULT_DIR = Path(__file__).with_name("assets") / "sd_world" / "vae"
 FREE_ARGS = ("workdir", "out", "log_every", "checkpoint_minutes", "stop_after_steps", "debug", "allow_changes")
 
 
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m projects.miniworld.pretrain_vae",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="checkpoints of the run (resumed when present)")
-    p.add_argument("--out", default=str(DEFAULT_DIR), help="the exported AutoencoderKL folder")
+    p.add_argument("--out", required=True, help="the exported AutoencoderKL folder (float32)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
