@@ -207,3 +207,22 @@ def test_cli_reports_kid_and_clip_score(tmp_path, monkeypatch, capsys):
     assert "missing config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(argv + ["--clip-tokenizer", TOKENIZER_DIR], extractor=TinyExtractor())
+
+
+def test_an_extractor_with_large_features_says_how_kid_scales_them(tmp_path):
+    """KID's cubic kernel assumes x.y/d of order 1; an extractor's `kid_feature_scale` is applied to
+    both sides (and recorded), so the KID equals a direct computation on the scaled features."""
+    class ScaledExtractor(TinyExtractor):
+        kid_feature_scale = 0.25
+
+    work = tmp_path / "w"
+    res = rc.run_protocol(ListSource(make_records()), [ts.CaptionTexts("longest")], None, (3.0,), 2,
+                          ScaledExtractor(), work, shard_size=2, resolution=16, generate_fn=NoiseGenerate(),
+                          generator_key="noise", progress=False, grid_rows=2, kid_subsets=10, kid_subset_size=3)
+    assert res["kid_settings"]["feature_scale"] == 0.25
+    ref = features(sorted((work / "reference").glob("features_*.npz")))
+    gen = features(sorted((work / res["sources"][0]["dir"] / "g3.0").glob("shard_*.npz")))
+    want, _ = kid.kernel_inception_distance(0.25 * gen, 0.25 * ref, num_subsets=10, subset_size=3, seed=0)
+    assert res["sources"][0]["kid"]["3.0"] == pytest.approx(want, rel=1e-12)
+    unscaled, _ = kid.kernel_inception_distance(gen, ref, num_subsets=10, subset_size=3, seed=0)
+    assert unscaled != pytest.approx(want)

@@ -420,6 +420,12 @@ def run_protocol(
     bar.close()
     kid_settings = {"num_subsets": int(kid_subsets), "subset_size": int(kid_subset_size),
                     "seed": int(kid_seed)}
+    # KID's cubic kernel (x.y/d + 1)^3 assumes x.y/d of order 1, as Inception's pool features give; an
+    # extractor with larger features says by how much to scale them (`kid_feature_scale`), else KID
+    # is dominated by x.y/d cubed (the world classifier's features, RMS 9.8, gave KIDs of +-1e5).
+    feature_scale = float(getattr(extractor, "kid_feature_scale", 1.0))
+    if feature_scale != 1.0:
+        kid_settings["feature_scale"] = feature_scale
     return _finalise(workdir, text_sources, slugs, guidance_scales, num_shards, ref_cache,
                      settings, unit_path, unit_dir, grid_rows, source, resolution, log,
                      kid_settings, clip_key)
@@ -659,8 +665,10 @@ def _finalise(workdir, text_sources, slugs, guidance_scales, num_shards, ref_cac
             fids[label] = fid
             kids[label] = kid_stds[label] = None
             if ref_feats is not None and stats is not None and stats.n >= 2 and len(ref_feats) >= 2:
+                scale = kid_settings.get("feature_scale", 1.0)
                 kids[label], kid_stds[label] = kernel_inception_distance(
-                    np.concatenate(feats), ref_feats, **kid_settings)
+                    scale * np.concatenate(feats), scale * ref_feats,
+                    **{k: v for k, v in kid_settings.items() if k != "feature_scale"})
         finite = {g: f for g, f in fids.items() if math.isfinite(f)}
         best = min(finite, key=finite.get) if finite else None
         rows.append({"name": t.name, "key": t.key, "dir": f"sources/{slugs[t.name]}",
