@@ -18,7 +18,8 @@ def test_reduced_demo_writes_the_table_text_statistics_examples_and_grid(tmp_pat
     assert demo.main(["--workdir", str(workdir), "--steps", "3", "--eval-scenes", "8",
                       "--ddim-steps", "2"]) == 0
     out = capsys.readouterr().out
-    for needle in ("[1/3] training", "[2/3] encoding 8 held-out scenes", "[3/3] redrawing",
+    for needle in ("[1/4] training", "[2/4] encoding 8 held-out scenes", "[3/4] redrawing",
+                   "[4/4] the paper's protocol: redrawing the same texts with the third-party model sd_world",
                    "Distinct De-Diffusion texts:", "demo finished in"):
         assert needle in out, needle
 
@@ -30,6 +31,13 @@ def test_reduced_demo_writes_the_table_text_statistics_examples_and_grid(tmp_pat
     assert len(results["texts"]) == 8 and 1 <= results["distinct_texts"] <= 8
     full = results["rows"]["full caption (upper ref.)"]
     assert full["background"] >= 0.75  # the committed decoder follows the full caption's background
+    # Step 4, the paper's protocol: every source through the third-party model, at its best guidance.
+    third = results["third_party"]
+    assert list(third) == SOURCES
+    for row in third.values():
+        assert row["third_party"]["guidance"] in ("1.0", "3.0") and 0.0 <= row["third_party"]["object"] <= 1.0
+        assert set(row["transfer_loss"]) >= {"object", "world_fid"}
+    assert third["full caption (upper ref.)"]["third_party"]["background"] >= 0.75
 
     report = (workdir / "results.md").read_text()
     assert report.count("\n| ") >= len(SOURCES) + 2 and "Examples (ground truth" in report

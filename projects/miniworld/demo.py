@@ -11,7 +11,10 @@
    caption, the short caption + background, the full ground-truth caption (upper reference) and
    empty text (lower reference); scores the redrawings with the world's attribute classifier and
    world-FID; prints the table, text statistics and examples; writes results.json, results.md and
-   a PNG grid (original | De-Diffusion | short caption | ...) into the workdir.
+   a PNG grid (original | De-Diffusion | short caption | ...) into the workdir;
+5. the paper's protocol: redraws the same texts with a THIRD-PARTY model the encoder never saw
+   (assets/sd_world, a latent Stable Diffusion folder run through diffusers' PyTorch pipeline) over
+   a guidance sweep, each source at its best scale, and the transfer loss per source.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 DECODER_DIR = HERE / "assets" / "decoder"
 CONFIG_FILE = HERE / "configs" / "world.py"
+THIRD_PARTY_DIR = HERE / "assets" / "sd_world"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +52,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="classifier-free guidance; 3 binds attributes better (assets/decoder/README.md) "
                         "but doubles the evaluation time, which would break the 15-minute budget")
     p.add_argument("--decoder", default=str(DECODER_DIR))
+    p.add_argument("--third-party", default=str(THIRD_PARTY_DIR),
+                   help="the third-party text-to-image model (a Stable Diffusion folder run by diffusers); "
+                        "'none' skips step 4")
+    p.add_argument("--third-party-guidance", default="1,3",
+                   help="its guidance sweep (the best per source is reported, as the paper does)")
     p.add_argument(errors.DEBUG_FLAG, action="store_true", help=errors.DEBUG_HELP)
     return p.parse_args(argv)
 
@@ -90,17 +99,17 @@ def _cli(argv: list[str] | None = None) -> int:
             config.total_steps = args.steps
             config.lr.warmup_steps = min(int(config.lr.warmup_steps), args.steps // 10)
 
-    _say(f"[1/3] training De-Diffusion on world images ({config.total_steps} steps, batch "
+    _say(f"[1/4] training De-Diffusion on world images ({config.total_steps} steps, batch "
          f"{config.batch_size}, {config.encoder.num_queries} tokens) in {workdir}")
     train_and_evaluate(config, workdir)
 
-    _say(f"[2/3] encoding {args.eval_scenes} held-out scenes to De-Diffusion text")
+    _say(f"[2/4] encoding {args.eval_scenes} held-out scenes to De-Diffusion text")
     indices = scenes.evaluation_indices(args.eval_scenes)
     encoder = TextEncoder.from_checkpoint(workdir, batch_size=len(indices))  # one batch, as before
     config = encoder.config
     dd_texts = encoder.texts(scenes.images_of(indices))
 
-    _say(f"[3/3] redrawing the scenes from each text ({args.ddim_steps} DDIM steps, guidance "
+    _say(f"[3/4] redrawing the scenes from each text ({args.ddim_steps} DDIM steps, guidance "
          f"{args.guidance}) and scoring them")
     dd_source = evaluator.TextsOfScenes(evaluator.DE_DIFFUSION, dict(zip(indices.tolist(), dd_texts)),
                                         key=f"encoder:{workdir}@step{config.total_steps}")
@@ -143,15 +152,47 @@ def _cli(argv: list[str] | None = None) -> int:
         scene = scenes.scene_from_index(int(indices[i]))
         lines.append(f"- `{captions.full_caption(scene)}` | `{captions.short_caption(scene)}` | "
                      f"`{dd_texts[i]}`")
+    third = _third_party(args, [dd_source, *evaluator.caption_sources()], indices, workdir, results)
+    if third is not None:
+        lines += ["", third["report"]]
     report = "\n".join(lines)
     _say("\n" + report + f"\n\nreconstruction grid: {grid}")
     (workdir / "results.md").write_text(report + "\n")
     (workdir / "results.json").write_text(json.dumps(
-        {"rows": rows, "text_statistics": stats, "texts": dd_texts[:32], "distinct_texts": distinct,
+        {"rows": rows, "third_party": None if third is None else third["rows"], "text_statistics": stats, "texts": dd_texts[:32], "distinct_texts": distinct,
          "config": json.loads(config.to_json_best_effort()), "eval_scenes": len(indices),
          "ddim_steps": args.ddim_steps, "guidance": args.guidance}, indent=2) + "\n")
     _say(f"demo finished in {(time.time() - start) / 60:.1f} min")
     return 0
+
+
+def _third_party(args: argparse.Namespace, sources: list, indices, workdir: Path,
+                 own: dict) -> dict | None:
+    """Step 4: the same texts through the third-party model; None when it is skipped."""
+    from projects.miniworld import evaluator, third_party
+
+    folder = Path(args.third_party)
+    if args.third_party.lower() == "none" or not (folder / "model_index.json").is_file():
+        _say(f"[4/4] skipped: no third-party model at {folder}")
+        return None
+    try:
+        guidance = [float(g) for g in args.third_party_guidance.split(",") if g.strip()]
+    except ValueError as e:
+        raise errors.UserError(f"--third-party-guidance {args.third_party_guidance!r}: comma-separated "
+                               "numbers") from e
+    _say(f"[4/4] the paper's protocol: redrawing the same texts with the third-party model {folder.name} "
+         f"(diffusers' StableDiffusionPipeline, {args.ddim_steps} DDIM steps, guidance {guidance})")
+    generate, key = third_party.diffusers_renderer(folder, args.ddim_steps)
+    shutil.rmtree(workdir / "third_party_eval", ignore_errors=True)
+    results = evaluator.evaluate(None, sources, indices, workdir / "third_party_eval", num_steps=args.ddim_steps,
+                                 guidance_scales=guidance, generate_fn=generate, generator_key=key, progress=True)
+    rows = third_party.transfer_rows(own, results)
+    report = "\n".join([
+        f"Redrawn by the third-party model ({folder.name}: latent diffusion, run by diffusers; the encoder "
+        "never saw it), each source at its best guidance, and the transfer loss (training decoder minus "
+        "third-party; the training decoder at guidance " + own["guidance_scales"][0] + "):", "",
+        third_party.transfer_table(rows), "", third_party.sweep_table(results, "Guidance sweep")])
+    return {"rows": rows, "report": report}
 
 
 if __name__ == "__main__":
