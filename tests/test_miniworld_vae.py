@@ -23,6 +23,7 @@ def exported(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # a training run + export (about a minute of compiling on 2 cores)
 def test_a_short_run_exports_a_folder_with_its_scaling_factor(exported):
     config = json.loads((exported / "out" / "config.json").read_text())
     info = json.loads((exported / "out" / "TRAINING.json").read_text())
@@ -31,12 +32,20 @@ def test_a_short_run_exports_a_folder_with_its_scaling_factor(exported):
     assert set(info["reconstruction_heldout"]) >= {"psnr_db", "object", "occupancy"}
 
 
-def test_diffusers_decodes_what_flax_decodes(exported):
+@pytest.mark.slow
+def test_an_exported_folder_loads_in_diffusers_whole(exported):
     from diffusers import AutoencoderKL
 
-    model, info = AutoencoderKL.from_pretrained(str(exported / "out"), output_loading_info=True)
+    _, info = AutoencoderKL.from_pretrained(str(exported / "out"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    config, params = pretrain_vae.load_vae(exported / "out")
+
+
+def test_diffusers_decodes_what_flax_decodes():
+    """The committed VAE (float16 weights, computed in float32 on both sides)."""
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL.from_pretrained(str(pretrain_vae.DEFAULT_DIR), dtype=torch.float32)
+    config, params = pretrain_vae.load_vae()
     images = scenes.images_of(scenes.evaluation_indices(4))
     ours = np.asarray(vae.AutoencoderKL(config).apply({"params": params}, jnp.asarray(images)))
     with torch.no_grad():
