@@ -179,3 +179,26 @@ def test_full_captions_beat_the_blank_query_on_the_world_llm(local):
     blank_acc = res["sources"]["blank"]["0"]["all"]["accuracy"]
     # measured on the tune half (1,074 questions): 0.679 vs 0.414
     assert full_acc >= blank_acc + 0.15, (full_acc, blank_acc)
+
+
+def test_naming_diagnosis_redraws_the_core_commands_episodes(tmp_path):
+    """names.json: accuracy and the share of answers among the episode's names, from the episodes the
+    core command drew (the right name is always inside; a name drawn from outside is counted out)."""
+    from dediffusion_jax.fewshot import data, support
+    from projects.miniworld.fewshot_eval import kind_rows, naming_diagnosis
+
+    rows = kind_rows([int(i) for i in scenes.evaluation_indices(12)])
+    data.write_jsonl(tmp_path / "kinds.jsonl", rows)
+    items = data.read_items(tmp_path / "kinds.jsonl")
+    pool, evals = [r for r in items if r.split == "train"], [r for r in items if r.split != "train"]
+    prompts_, right = run.classify_prompts(evals, pool, {r.image_id: "" for r in items}, 1, True,
+                                           run.ClassifySettings(ways=5, seed=0))
+    outside = [next(n for n in support.MADE_UP_NAMES if f'"{n}"' not in p) for p in prompts_]
+    preds = [{"source": "s", "setting": "5-way 1-shot, induction", "image_id": it.image_id, "label": it.label,
+              "prediction": r if j % 2 else o, "answer": r, "score": float(j % 2)}
+             for j, (it, r, o) in enumerate(zip(evals, right, outside))]
+    (tmp_path / "classify").mkdir()
+    data.write_jsonl(tmp_path / "classify" / "predictions.jsonl", preds)
+    table = naming_diagnosis(tmp_path, 5, 0)
+    assert table == {"s": {"5-way 1-shot, induction": {"accuracy": 50.0, "in_episode": 50.0}}}
+    assert (tmp_path / "classify" / "names.md").read_text().count("50.0 / 50.0") == 1

@@ -12,14 +12,16 @@ from dediffusion_jax.fewshot import prompts
 from projects.miniworld import captions, fewshot_tasks, llm, scenes
 
 
-def test_training_text_is_app_b_prompts_about_train_scenes_only(monkeypatch):
+@pytest.mark.parametrize("recipe", llm.RECIPES)
+def test_training_text_is_app_b_prompts_about_train_scenes_only(monkeypatch, recipe):
     described = []
     real_context, real_scene = llm._context, llm._train_scene
-    monkeypatch.setattr(llm, "_context", lambda i, rng: described.append(i) or real_context(i, rng))
+    monkeypatch.setattr(llm, "_context", lambda i, rng, clean=False, recipe=2: described.append(i)
+                        or real_context(i, rng, clean, recipe))
     monkeypatch.setattr(llm, "_train_scene", lambda rng: described.append(real_scene(rng)) or described[-1])
     rng = np.random.default_rng(0)
     for n in range(300):
-        text, spans = llm.example(rng, simple=n < 30)
+        text, spans = llm.example(rng, simple=n < 40, lookup=n < 20 and recipe == 2, recipe=recipe)
         assert spans and all(text[a:b].startswith(" ") for a, b in spans)
         for line in text.split(prompts.SHOT_SEPARATOR):
             assert line.startswith((prompts.VQA_INSTRUCTION + " Image context:", "Context:", "Classify the context into"))
@@ -45,6 +47,20 @@ def test_every_question_type_has_one_right_answer():
             elif qtype == "position":
                 c, s = q.removeprefix("Where is the ").rstrip("?").split()
                 assert f"{c} {s} {a}" in captions.full_caption(scene)
+
+
+def test_recipe_2_names_episodes_by_copying_and_logs_each_task(tmp_path):
+    """Recipe 2's naming texts: every answered name is one of the episode's support names; the
+    metrics log the answer accuracy of naming and VQA texts apart."""
+    rng = np.random.default_rng(2)
+    for n in range(40):
+        text, spans = llm.classify_example(rng, simple=n % 2 == 0)
+        support_names = {line.rsplit(" ", 1)[1] for line in text.split("\n")[:-len(spans)]}
+        assert {text[a:b] for a, b in spans} <= {f" {s}" for s in support_names}
+    workdir = _run(tmp_path, "r2", "--recipe", "2", "--lookup-steps", "1", "--simple-steps", "2")
+    last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"naming_acc", "vqa_acc"} <= set(last)
+    assert json.loads((workdir / "out" / "TRAINING.json").read_text())["recipe"] == 2
 
 
 def _run(tmp_path, name, *extra):

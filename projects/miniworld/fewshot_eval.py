@@ -12,7 +12,10 @@ Writes the inputs of the core command (`python -m dediffusion_jax.fewshot`) and 
   support pool, split "train");
 - OUT/kinds.jsonl: the scene kind of every held-out scene of the half (eval) and every train scene;
 - OUT/vqa/ and OUT/classify/: results.json, results.md, predictions.jsonl of the core command
-  (VQA at each --shots; 5-way 1-shot naming of scene kinds with and without task induction).
+  (VQA at each --shots; 5-way 1-shot naming of scene kinds with and without task induction);
+- OUT/classify/names.json and .md: per source and setting, the accuracy and the share of answers
+  that are one of the episode's five names (a model that never learned to copy a name from the
+  support answers names from elsewhere: the diagnosis of the first world LLM).
 
 Halves: the held-out scenes in `scenes.evaluation_indices()` order; `tune` is the first half (choose
 settings there), `report` the second (the numbers in docs/fewshot.md).
@@ -152,6 +155,40 @@ def core_argv(args: argparse.Namespace, files: dict[str, Path], task: str) -> li
     return argv + ["--out", str(Path(args.out) / task)]
 
 
+def naming_diagnosis(out: Path, ways: int, seed: int) -> dict:
+    """Accuracy and in-episode share of every naming setting, from OUT/kinds.jsonl and the core
+    command's predictions (the episodes are redrawn exactly as the core command draws them)."""
+    from dediffusion_jax.fewshot import data, support
+
+    rows = data.read_items(out / "kinds.jsonl")
+    pool = [r for r in rows if r.split == "train"]
+    evals = [r for r in rows if r.split != "train"]
+    by_label: dict[str, list] = {}
+    for it in pool:
+        by_label.setdefault(it.label, []).append(it)
+    names_of = [set(support.episode(it.label, by_label, ways, 1, seed, f"{it.image_id}/{j}/1").names)
+                for j, it in enumerate(evals)]
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    preds = [json.loads(line) for line in (out / "classify" / "predictions.jsonl").read_text().splitlines()]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for p in preds:
+        groups.setdefault((p["source"], p["setting"]), []).append(p)
+    for (source, setting), ps in groups.items():
+        inside = [p["prediction"].strip() in names for p, names in zip(ps, names_of)]
+        table.setdefault(source, {})[setting] = {
+            "accuracy": round(100 * sum(p["score"] for p in ps) / len(ps), 1),
+            "in_episode": round(100 * sum(inside) / len(ps), 1)}
+    (out / "classify" / "names.json").write_text(json.dumps(table, indent=2) + "\n")
+    settings = sorted({s for v in table.values() for s in v})
+    lines = ["| text source | " + " | ".join(f"{s}: acc / answer in episode" for s in settings) + " |",
+             "|---|" + "---|" * len(settings)]
+    lines += [f"| {src} | " + " | ".join(f"{v[s]['accuracy']} / {v[s]['in_episode']}" for s in settings) + " |"
+              for src, v in table.items()]
+    (out / "classify" / "names.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return table
+
+
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from dediffusion_jax.fewshot.__main__ import main as fewshot_main
@@ -164,6 +201,7 @@ def _main(argv: list[str]) -> int:
         rc = fewshot_main(core)
         if rc:
             return rc
+    naming_diagnosis(Path(args.out), args.ways, args.seed)
     return 0
 
 

@@ -64,10 +64,15 @@ def question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, s
     raise ValueError(f"unknown question type {qtype!r}; one of {QUESTION_TYPES}")
 
 
-def random_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
-    """(type, question, answer) of a uniformly drawn type that the scene can answer."""
+def random_question(scene: Scene, rng: np.random.Generator,
+                    weights: tuple[float, ...] | None = None) -> tuple[str, str, str]:
+    """(type, question, answer) of a uniformly drawn type (or drawn with `weights`, one per
+    QUESTION_TYPES entry) that the scene can answer."""
     while True:
-        qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+        if weights is None:
+            qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+        else:
+            qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=weights))]
         qa = question(scene, qtype, rng)
         if qa is not None:
             return (qtype, *qa)

@@ -1,25 +1,32 @@
 """The world LLM: a small causal language model of the miniature world, trained on TEXT ONLY.
 
     python -m projects.miniworld.llm --workdir workdirs/world_llm --out projects/miniworld/assets/llm \
-        [--steps 1600] [--batch 32] [--seed 0] [--threads 1]
+        [--recipe 1] [--steps 1600] [--batch 32] [--seed 0] [--threads 1]
 
 PaLM 2 plays the LLM in the paper: it learned language from text and never saw De-Diffusion text. The
 world's stand-in learns the world from text the same way: App.-B-format prompts (`dediffusion_jax.
 fewshot.prompts`: VQA k-shot and zero-shot with pseudo samples, open-ended N-way K-shot classification
-with and without task induction) whose image contexts are world descriptions of TRAIN scenes drawn as
-the decoder's caption mix (`captions.training_caption`: empty, full, shuffled, partial captions and
-word soups with the tokenizer's distractor words), and whose answers are the scenes' truths
-(`fewshot_tasks`). It never reads De-Diffusion text, nor a held-out scene.
+with and without task induction, made-up names drawn per episode) whose image contexts are world
+descriptions of TRAIN scenes (recipe 1: the decoder's caption mix `captions.training_caption`; recipe 2:
+CONTEXT_MIX; both: empty, full, shuffled and partial captions and word soups with the tokenizer's
+distractor words), and whose answers
+are the scenes' truths (`fewshot_tasks`). It never reads De-Diffusion text, nor a held-out scene.
 
 The model is a transformers `LlamaForCausalLM` (4 layers, width 128, RoPE) with a byte-level BPE
 tokenizer learned from the same text; both are written as a transformers folder (float16
 safetensors, tokenizer.json) that `AutoModelForCausalLM` and the few-shot CLI's `--llm DIR` load.
 The loss is the next-token loss on the answers plus `--lm-weight` times the next-token loss on the rest
-of the text. The first `--simple-steps` steps are one-line questions on full captions (a curriculum:
-the look-up is learned there). At lr 3e-3 two runs (answers only; answers + text) stayed at the
-prior's loss for 400+ steps with answers that did not depend on the context; lr 1e-3 learned. The batch of step s is a pure function of
-(seed, s), and the workdir keeps a safetensors checkpoint (weights, Adam moments, step), so a run
-stopped at any point resumes to the same weights.
+of the text. Recipe 1 (the default, the committed model): the decoder's caption mix as contexts, 75% VQA
+/ 25% naming, the first `--simple-steps` steps one-line VQA on full captions. Recipe 2 (docs/fewshot.md,
+"Trying to fix naming": shape / presence learned, naming still at chance, background / colour lost;
+not adopted): a curriculum of `--lookup-steps` one-line VQA
+steps on full / shuffled captions, question types weighted toward the look-ups that need an induction
+head (shape, presence), then up to `--simple-steps` half such lines, half 2/3-way naming episodes on
+such captions; then the mix: `--naming-share` N-way K-shot naming episodes (2/3/5-way, 4 answered
+queries), the rest k-shot VQA. At lr 3e-3 two recipe-1 runs stayed at the prior's loss for 400+ steps
+with answers that did not depend on the context; lr 1e-3 learned. The batch of step s is a pure
+function of (seed, s), and the workdir keeps a safetensors checkpoint (weights, Adam moments, step),
+so a run stopped at any point resumes to the same weights.
 """
 
 from __future__ import annotations
@@ -40,8 +47,20 @@ from dediffusion_jax.cli_flags import answer_help_early
 DEFAULT_DIR = Path(__file__).with_name("assets") / "llm"
 SPECIAL = "<|endoftext|>"
 P_SOUP = 0.25  # the v4 decoder's word-soup share (docs/miniworld.md)
+# The LLM's context mix (v2): every line shows its scene more often than the decoder's mix does (12%
+# empty, 20% partial there: in 5-way naming episodes most queries could not be matched to their
+# support, measured). Empty, full, shuffled, soup (the v4 share), partial.
+CONTEXT_MIX = (0.05, 0.45, 0.15, P_SOUP, 0.10)
 MAX_LEN = 320
-QUERIES = 3  # answered queries per classification text
+QUERIES = 4  # answered queries per classification text
+# The look-up phase's question types (colour, shape, position, count, background, presence): the
+# look-ups that need an induction head (shape: the word after the colour; presence) drawn more often.
+LOOKUP_WEIGHTS = (0.2, 0.25, 0.15, 0.05, 0.05, 0.3)
+QUERIES_V1 = 3
+RECIPES = (1, 2)  # 1: the committed model's (the decoder's caption mix, 25% naming, 3 queries, a
+# VQA-only curriculum, 1,600 steps); 2: CONTEXT_MIX, a look-up phase, a naming curriculum, 50% naming
+DEFAULTS = {1: {"steps": 1600, "simple_steps": 500, "lookup_steps": 0, "naming_share": 0.25},
+            2: {"steps": 3000, "simple_steps": 1200, "lookup_steps": 700, "naming_share": 0.5}}
 MICRO = 2  # micro-batches per step, grouped by length (less padding)
 
 
@@ -49,13 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m projects.miniworld.llm", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="checkpoint folder of the run (resumed when present)")
     p.add_argument("--out", default=str(DEFAULT_DIR), help="where the trained model folder is written")
-    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--recipe", type=int, choices=RECIPES, default=1,
+                   help="1: the committed model's training (default); 2: the naming / look-up curriculum "
+                        "(docs/fewshot.md: measured worse on the tune half)")
+    p.add_argument("--steps", type=int, default=None, help="default: 1600 (recipe 1), 3000 (recipe 2)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3,
                    help="peak learning rate (3e-3 collapsed attention: the answers stopped depending on the context)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--simple-steps", type=int, default=500,
-                   help="curriculum: the first N steps are one-line VQA on full / shuffled captions")
+    p.add_argument("--lookup-steps", type=int, default=None,
+                   help="recipe 2, curriculum phase 1: the first N steps are one-line VQA on full / shuffled "
+                        "captions (default 700)")
+    p.add_argument("--simple-steps", type=int, default=None,
+                   help="curriculum: the first N steps are one-line VQA on full / shuffled captions (recipe 1, "
+                        "default 500); recipe 2 (default 1200): half such lines, half 2/3-way naming")
+    p.add_argument("--naming-share", type=float, default=None,
+                   help="recipe 2: share of N-way K-shot naming texts after the curriculum (default 0.5; "
+                        "recipe 1: 0.25)")
     p.add_argument("--lm-weight", type=float, default=0.5,
                    help="weight of the next-token loss on the non-answer text (the answers weigh 1)")
     p.add_argument("--threads", type=int, default=1,
@@ -69,11 +98,32 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------ the text
 
 
-def _context(index: int, rng: np.random.Generator) -> str:
+def _context(index: int, rng: np.random.Generator, clean: bool = False, recipe: int = 2) -> str:
+    """A description of a train scene from CONTEXT_MIX (`clean`: its full caption, segments shuffled
+    30% of the time, as in the curriculum); recipe 1: the decoder's caption mix."""
     from projects.miniworld import captions, scenes
     from projects.miniworld.tokenizer import DISTRACTORS
 
-    return captions.training_caption(scenes.scene_from_index(index), rng, P_SOUP, DISTRACTORS)
+    scene = scenes.scene_from_index(index)
+    if recipe == 1:
+        return captions.training_caption(scene, rng, P_SOUP, DISTRACTORS)
+    segs = captions.object_segments(scene) + [captions.background_segment(scene)]
+    shuffled = captions.SEGMENT_SEP.join(segs[int(i)] for i in rng.permutation(len(segs)))
+    if clean:
+        return shuffled if rng.random() < 0.3 else captions.full_caption(scene)
+    kind = int(rng.choice(len(CONTEXT_MIX), p=CONTEXT_MIX))
+    if kind == 0:
+        return ""
+    if kind == 1:
+        return captions.full_caption(scene)
+    if kind == 2:
+        return shuffled
+    if kind == 3:
+        return captions.word_soup_caption(scene, rng, DISTRACTORS)
+    while True:  # partial: some objects (positions sometimes dropped) and maybe the background, not empty
+        text = captions.training_caption(scene, rng)
+        if text and text != captions.full_caption(scene):
+            return text
 
 
 def _train_scene(rng: np.random.Generator) -> int:
@@ -82,7 +132,7 @@ def _train_scene(rng: np.random.Generator) -> int:
     return int(scenes.sample_indices(rng, 1, "train")[0])
 
 
-def vqa_example(rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
+def vqa_example(rng: np.random.Generator, recipe: int = 2) -> tuple[str, list[tuple[int, int]]]:
     """A k-shot (or pseudo-sample zero-shot) VQA prompt answered, and the character spans of every
     answer (` red$`), the tokens the loss reads."""
     from dediffusion_jax.fewshot import prompts
@@ -96,19 +146,31 @@ def vqa_example(rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
     for j in range(k + 1):
         index = _train_scene(rng)
         _, q, a = fewshot_tasks.random_question(scenes.scene_from_index(index), rng)
-        context = "" if pseudo and j < k else _context(index, rng)
+        context = "" if pseudo and j < k else _context(index, rng, recipe=recipe)
         lines.append((prompts.vqa_line(context, q), f" {a}{prompts.ANSWER_END}"))
     return _join(lines, range(len(lines)))
 
 
-def classify_example(rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
+def classify_example(rng: np.random.Generator, simple: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """An open-ended N-way K-shot naming of scene kinds (task induction once, at the start, half the
-    time), then QUERIES answered queries; the loss reads the queries' answers."""
+    time), then QUERIES answered queries; the loss reads the queries' answers. The names are drawn
+    per episode (`support.episode`), so only copying the matching support's name lowers the loss.
+    `simple`: the curriculum's 2/3-way 1-shot episodes on clean captions, two queries."""
+    if simple:
+        ways, shots, n_queries = int(rng.choice([2, 3])), 1, 2
+    else:
+        ways = int(rng.choice([2, 3, 5], p=[0.2, 0.3, 0.5]))
+        shots, n_queries = (1 if rng.random() < 0.85 else 2), QUERIES
+    return _naming_text(rng, ways, shots, n_queries, lambda i: _context(i, rng, simple))
+
+
+def _naming_text(rng: np.random.Generator, ways: int, shots: int, n_queries: int,
+                 context: Any) -> tuple[str, list[tuple[int, int]]]:
+    """The episode of a random train query, then `n_queries` answered queries (`context(i)`: a
+    scene's description); shared by both recipes (the same draws in the same order)."""
     from dediffusion_jax.fewshot import prompts, support
     from projects.miniworld import fewshot_tasks, scenes
 
-    ways = int(rng.choice([2, 3, 5]))
-    shots = 1 if rng.random() < 0.8 else 2
     kinds = fewshot_tasks.kinds_of_split("train")
     query = _train_scene(rng)
     ep = support.episode(fewshot_tasks.scene_kind(scenes.scene_from_index(query)), kinds, ways, shots,
@@ -116,12 +178,12 @@ def classify_example(rng: np.random.Generator) -> tuple[str, list[tuple[int, int
     names = ep.names if rng.random() < 0.5 else None
     name_of = {fewshot_tasks.scene_kind(scenes.scene_from_index(int(i))): n for i, n in ep.support}
     queries = [(query, ep.answer)]
-    for _ in range(QUERIES - 1):  # more answered queries of the episode's classes: more signal per text
+    for _ in range(n_queries - 1):  # more answered queries of the episode's classes: more signal per text
         kind = sorted(name_of)[int(rng.integers(len(name_of)))]
         pool = kinds[kind]
         queries.append((pool[int(rng.integers(len(pool)))], name_of[kind]))
     items = [(int(i), n) for i, n in ep.support] + queries
-    lines = [(prompts.classify_line(_context(i, rng), None, names if j == 0 else None),
+    lines = [(prompts.classify_line(context(i), None, names if j == 0 else None),
               f" {n}{prompts.CLASS_END}") for j, (i, n) in enumerate(items)]
     return _join(lines, range(len(ep.support), len(lines)))
 
@@ -141,9 +203,44 @@ def _join(lines: list[tuple[str, str]], scored: Any) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def simple_example(rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
-    """The curriculum's first texts: one VQA line whose context is the full caption (70%) or its
-    segments shuffled (30%): every answer is in the context, so the look-up is all there is to learn."""
+def simple_example(rng: np.random.Generator, naming: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    """The curriculum's texts: one VQA line whose context is the full caption (70%) or its segments
+    shuffled (30%), question types drawn with LOOKUP_WEIGHTS: every answer is in the context, so the
+    look-up is all there is to learn; with `naming`, half are 2/3-way 1-shot naming episodes on such
+    captions (copying the matching support's name)."""
+    from dediffusion_jax.fewshot import prompts
+    from projects.miniworld import fewshot_tasks, scenes
+
+    if naming and rng.random() < 0.5:
+        return classify_example(rng, simple=True)
+    index = _train_scene(rng)
+    _, q, a = fewshot_tasks.random_question(scenes.scene_from_index(index), rng, LOOKUP_WEIGHTS)
+    return _join([(prompts.vqa_line(_context(index, rng, clean=True), q), f" {a}{prompts.ANSWER_END}")], [0])
+
+
+def example(rng: np.random.Generator, simple: bool = False, naming_share: float = 0.5,
+            lookup: bool = False, recipe: int = 2) -> tuple[str, list[tuple[int, int]]]:
+    """One training text: VQA or (`naming_share`) classification; `simple`: the curriculum's kind
+    (`lookup`: its first phase, VQA only). Recipe 1: 75% VQA, 25% classification, exactly as the
+    committed model was trained."""
+    if recipe == 1:
+        if simple:
+            return _simple_example_v1(rng)
+        return vqa_example(rng, recipe=1) if rng.random() < 0.75 else _classify_example_v1(rng)
+    if simple or lookup:
+        return simple_example(rng, naming=not lookup)
+    return classify_example(rng) if rng.random() < naming_share else vqa_example(rng)
+
+
+def _classify_example_v1(rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
+    """Recipe 1's naming episode (`classify_example` before recipe 2, unchanged)."""
+    ways = int(rng.choice([2, 3, 5]))
+    shots = 1 if rng.random() < 0.8 else 2
+    return _naming_text(rng, ways, shots, QUERIES_V1, lambda i: _context(i, rng, recipe=1))
+
+
+def _simple_example_v1(rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
+    """Recipe 1's curriculum text (`simple_example` before recipe 2, unchanged)."""
     from dediffusion_jax.fewshot import prompts
     from projects.miniworld import captions, fewshot_tasks, scenes
 
@@ -155,17 +252,17 @@ def simple_example(rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]
     return _join([(prompts.vqa_line(captions.SEGMENT_SEP.join(segs), q), f" {a}{prompts.ANSWER_END}")], [0])
 
 
-def example(rng: np.random.Generator, simple: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """One training text: 75% VQA, 25% classification (`simple`: the curriculum's first kind)."""
-    if simple:
-        return simple_example(rng)
-    return vqa_example(rng) if rng.random() < 0.75 else classify_example(rng)
+def is_naming(text: str) -> bool:
+    """Whether a training text is a naming episode (for the per-task accuracies in metrics.jsonl)."""
+    from dediffusion_jax.fewshot import prompts
+
+    return not text.startswith(prompts.VQA_INSTRUCTION)
 
 
 # ------------------------------------------------------------------------------- tokenizer and model
 
 
-def build_tokenizer(seed: int, n_texts: int = 3000, vocab_size: int = 640) -> Any:
+def build_tokenizer(seed: int, n_texts: int = 3000, vocab_size: int = 640, recipe: int = 1) -> Any:
     """A byte-level BPE (GPT-2's scheme) learned from the world's training text: any string encodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -174,7 +271,7 @@ def build_tokenizer(seed: int, n_texts: int = 3000, vocab_size: int = 640) -> An
     from projects.miniworld.tokenizer import DISTRACTORS
 
     rng = np.random.default_rng([seed, 2**31])
-    texts = [example(rng)[0] for _ in range(n_texts)] + [" ".join(WORLD_WORDS + DISTRACTORS)]
+    texts = [example(rng, recipe=recipe)[0] for _ in range(n_texts)] + [" ".join(WORLD_WORDS + DISTRACTORS)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -195,8 +292,8 @@ def model_config(vocab_size: int, special_id: int) -> Any:
 
 
 def batch_tensors(tokenizer: Any, texts: list[str], spans: list[list[tuple[int, int]]]) -> dict[str, Any]:
-    """input_ids / attention_mask / labels / is_answer (1 on answer tokens), right-padded, cut at
-    MAX_LEN; labels are -100 on padding."""
+    """input_ids / attention_mask / labels / is_answer (1 on answer tokens) / naming (1 on the rows of
+    naming episodes), right-padded, cut at MAX_LEN; labels are -100 on padding."""
     import torch
 
     enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False, truncation=True,
@@ -208,14 +305,18 @@ def batch_tensors(tokenizer: Any, texts: list[str], spans: list[list[tuple[int, 
     labels = np.where(enc["attention_mask"] == 0, -100, enc["input_ids"]).astype(np.int64)
     return {"input_ids": torch.from_numpy(enc["input_ids"].astype(np.int64)),
             "attention_mask": torch.from_numpy(enc["attention_mask"].astype(np.int64)),
-            "labels": torch.from_numpy(labels), "is_answer": torch.from_numpy(is_answer)}
+            "labels": torch.from_numpy(labels), "is_answer": torch.from_numpy(is_answer),
+            "naming": torch.tensor([is_naming(t) for t in texts]).reshape(-1, 1)}
 
 
-def batch_of_step(tokenizer: Any, seed: int, step: int, batch: int, simple_steps: int = 0) -> list[dict[str, Any]]:
+def batch_of_step(tokenizer: Any, seed: int, step: int, batch: int, simple_steps: int = 0,
+                  naming_share: float = 0.5, lookup_steps: int = 0, recipe: int = 2) -> list[dict[str, Any]]:
     """The batch of a step, a pure function of (seed, step), as MICRO micro-batches of similar
     lengths (each padded to its own longest text); the first `simple_steps` steps are the curriculum's."""
     rng = np.random.default_rng([seed, step])
-    examples = sorted((example(rng, step < simple_steps) for _ in range(batch)), key=lambda e: len(e[0]))
+    examples = sorted((example(rng, step < simple_steps, naming_share, step < lookup_steps, recipe)
+                       for _ in range(batch)),
+                      key=lambda e: len(e[0]))
     size = -(-batch // MICRO)
     chunks = [examples[i:i + size] for i in range(0, batch, size)]
     return [batch_tensors(tokenizer, [t for t, _ in c], [sp for _, sp in c]) for c in chunks]
@@ -278,7 +379,7 @@ def train(args: argparse.Namespace) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     tok_dir = workdir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        build_tokenizer(args.seed).save_pretrained(str(tok_dir))
+        build_tokenizer(args.seed, recipe=args.recipe).save_pretrained(str(tok_dir))
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
@@ -287,15 +388,19 @@ def train(args: argparse.Namespace) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     item = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "lm_weight": args.lm_weight,
             "simple_steps": args.simple_steps}
+    if args.recipe != 1:  # recipe 1's record is the committed model's
+        item.update(naming_share=args.naming_share, lookup_steps=args.lookup_steps, recipe=args.recipe)
     ckpt = workdir / "state.safetensors"
     step = _load_state(ckpt, model, opt, item) if ckpt.exists() else 0
     log = open(workdir / "metrics.jsonl", "a")
     wall = json.loads((workdir / "wall.json").read_text())["seconds"] if (workdir / "wall.json").exists() else 0.0
     start, last = time.time(), time.time()
     model.train()
+    task_hits, task_n = {"naming": 0, "vqa": 0}, {"naming": 0, "vqa": 0}  # since the last log line
     stop_at = min(args.steps, step + args.stop_after_steps) if args.stop_after_steps else args.steps
     while step < stop_at:
-        micro = batch_of_step(tokenizer, args.seed, step, args.batch, args.simple_steps)
+        micro = batch_of_step(tokenizer, args.seed, step, args.batch, args.simple_steps, args.naming_share,
+                              args.lookup_steps, args.recipe)
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr)
         opt.zero_grad(set_to_none=True)
@@ -304,19 +409,26 @@ def train(args: argparse.Namespace) -> Path:
         loss_sum, hits = 0.0, 0
         for m in micro:  # means over the whole batch's answer / other tokens, whatever the grouping
             labels, is_answer = m.pop("labels")[:, 1:], m.pop("is_answer")[:, 1:]
+            naming = m.pop("naming")
             logits = model(**m).logits[:, :-1].float()
             ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                    ignore_index=-100, reduction="none").reshape(labels.shape)
             answer_ce = (ce * is_answer).sum()
             ((answer_ce / n_answer) + args.lm_weight * (ce * ~is_answer).sum() / max(1, n_other)).backward()
             loss_sum += float(answer_ce.detach())
-            hits += int(((logits.argmax(-1) == labels) & is_answer).sum())
+            right = (logits.argmax(-1) == labels) & is_answer
+            hits += int(right.sum())
+            for key, rows in (("naming", naming), ("vqa", ~naming)):  # answer-token accuracy per task
+                task_hits[key] += int((right & rows).sum())
+                task_n[key] += int((is_answer & rows).sum())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         if step % 20 == 0 or step == stop_at:
             rec = {"step": step, "loss": round(loss_sum / n_answer, 5), "answer_token_acc": round(hits / n_answer, 4),
+                   **{f"{k}_acc": round(task_hits[k] / task_n[k], 4) for k in task_n if task_n[k]},
                    "seconds": round(wall + time.time() - start, 1)}
+            task_hits, task_n = {"naming": 0, "vqa": 0}, {"naming": 0, "vqa": 0}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), flush=True)
@@ -355,9 +467,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cli(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    for name, value in DEFAULTS[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("steps", "batch", "threads", "save_every"):
         if getattr(args, name) < 1:
             raise errors.UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0.0 <= args.naming_share <= 1.0:
+        raise errors.UserError("--naming-share must be in [0, 1]")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     train(args)
     return 0
