@@ -159,7 +159,8 @@ def _cli(argv: list[str] | None = None) -> int:
     _say("\n" + report + f"\n\nreconstruction grid: {grid}")
     (workdir / "results.md").write_text(report + "\n")
     (workdir / "results.json").write_text(json.dumps(
-        {"rows": rows, "third_party": None if third is None else third["rows"], "text_statistics": stats, "texts": dd_texts[:32], "distinct_texts": distinct,
+        {"rows": rows, "third_party": None if third is None else third["rows"], "text_statistics": stats,
+         "texts": dd_texts[:32], "distinct_texts": distinct,
          "config": json.loads(config.to_json_best_effort()), "eval_scenes": len(indices),
          "ddim_steps": args.ddim_steps, "guidance": args.guidance}, indent=2) + "\n")
     _say(f"demo finished in {(time.time() - start) / 60:.1f} min")

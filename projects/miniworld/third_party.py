@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     answer_help_early(build_parser)  # before the heavy imports below
-
-import numpy as np
 
 
 def folder_identity(folder: str | Path) -> str:
