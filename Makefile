@@ -23,7 +23,8 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-## Tests marked slow (2-process training run, evaluate CLI with tfds + Inception); .ci/run runs them.
+## Tests marked slow (2-process training run, evaluate CLI with tfds + Inception, world VAE and decoder
+## pre-training runs); .ci/run runs them.
 test-slow: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "slow" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no slow tests selected"; exit 0; fi; exit $$rc

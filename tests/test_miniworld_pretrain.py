@@ -24,6 +24,7 @@ def test_the_batch_of_a_step_is_a_pure_function_of_seed_and_step():
     assert not np.array_equal(a[0], c[0])
 
 
+@pytest.mark.slow  # a minute or more of training runs on 2 cores: .ci/run's slow phase
 def test_train_resume_and_export_a_loadable_float16_folder(tmp_path, capsys):
     workdir, out = tmp_path / "run", tmp_path / "decoder"
     common = ["--workdir", str(workdir), "--batch", "4", "--eval-every", "0", "--log-every", "1"]
@@ -139,6 +140,7 @@ def test_a_text_tower_that_does_not_fit_is_refused_with_the_reason(tmp_path):
         pretrain_decoder.text_tower_of(tmp_path, trainer_config)
 
 
+@pytest.mark.slow  # a minute or more of training runs on 2 cores: .ci/run's slow phase
 def test_resuming_with_the_other_freeze_setting_is_an_error(tmp_path, capsys):
     common = ["--workdir", str(tmp_path / "run"), "--batch", "2", "--eval-every", "0", "--steps", "1"]
     assert pretrain_decoder.main(common) == 0
@@ -160,6 +162,7 @@ def test_a_run_with_a_frozen_text_encoder_exports_that_encoder(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.slow  # a minute or more of training runs on 2 cores: .ci/run's slow phase
 def test_a_stopped_run_resumes_exactly_on_the_spine(tmp_path):
     """Stopped after 1 step and resumed, a run's losses and exported EMA weights equal an uninterrupted
     run's; the checkpoint is the spine's (state, data position, the run's args)."""
@@ -185,6 +188,7 @@ def test_a_stopped_run_resumes_exactly_on_the_spine(tmp_path):
         np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
 
 
+@pytest.mark.slow  # a minute or more of training runs on 2 cores: .ci/run's slow phase
 def test_a_resume_with_other_training_arguments_is_refused_unless_allowed(tmp_path, capsys):
     common = ["--workdir", str(tmp_path / "run"), "--batch", "2", "--eval-every", "0"]
     assert pretrain_decoder.main(common + ["--steps", "1"]) == 0
