@@ -147,8 +147,8 @@ def reconstruction_quality(params: Any, config: vae.VAEConfig, num_scenes: int =
 
     idx = scenes.evaluation_indices(num_scenes)
     images = jnp.asarray(scenes.images_of(idx))
-    recon = jax.jit(lambda x: vae.images_from_latents(params, config, vae.latents_from_images(params, config, x),
-                                                      ))(images)
+    round_trip = jax.jit(lambda x: vae.images_from_latents(params, config, vae.latents_from_images(params, config, x)))
+    recon = round_trip(images)
     recon = np.clip(np.asarray(recon), -1.0, 1.0)
     mse = float(np.mean(np.square((recon - np.asarray(images)) / 2.0)))  # on [0, 1]
     clf_params, clf_config = classifier.load_classifier()
