@@ -9,6 +9,10 @@ loads its image tower through `backbone.init`, exactly as the paper config loads
 freezes it. De-Diffusion itself still trains on images alone.
 
     python -m projects.miniworld.pretrain_backbone --out projects/miniworld/assets/backbone
+
+`--width W --layers L` shape the image tower (heads W/32, MLP 4W; default 128 x 3, the committed
+backbone): e.g. `--width 64 --layers 2` for a smaller backbone, the world's analogue of the paper's
+ViT-B vs ViT-L ablation. The exported config.json records the shape, so `backbone=PATH` loads it as is.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from dediffusion_jax import errors
 from dediffusion_jax.cli_flags import answer_help_early
 
 DEFAULT_DIR = Path(__file__).with_name("assets") / "backbone"
+DEFAULT_WIDTH, DEFAULT_LAYERS = 128, 3  # the committed backbone's image tower
+HEAD_DIM = 32  # heads = width / 32: 4 heads at the default width
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=DEFAULT_WIDTH,
+                   help=f"image tower hidden size, a multiple of {HEAD_DIM} (heads = width/{HEAD_DIM}, MLP 4x)")
+    p.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="image tower depth")
     p.add_argument("--workdir", help="checkpoints of the run (resumed when present); default: a temporary folder")
     p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after N steps (resume later)")
     p.add_argument("--allow-changes", default="", help="arguments a resume may change, e.g. steps,lr "
@@ -60,9 +69,19 @@ from projects.miniworld import tokenizer as world_tokenizer
 from dediffusion_jax.models import vit
 from dediffusion_jax.t2i import clip_text, convert
 
-# The image tower: patch 4 on the 16x16 scene (a 4x4 grid, two patches per cell side) + CLS.
-VISION_CONFIG = vit.ViTConfig(image_size=scenes.IMAGE_SIZE, patch_size=4, hidden_size=128, num_layers=3,
-                              num_heads=4, mlp_dim=512, hidden_act="gelu")
+
+def world_vision_config(width: int = DEFAULT_WIDTH, layers: int = DEFAULT_LAYERS) -> vit.ViTConfig:
+    """The image tower: patch 4 on the 16x16 scene (a 4x4 grid, two patches per cell side) + CLS,
+    `width` wide (heads of HEAD_DIM, MLP 4x) and `layers` deep."""
+    if width <= 0 or width % HEAD_DIM:
+        raise errors.UserError(f"--width {width}: expected a positive multiple of {HEAD_DIM}")
+    if layers <= 0:
+        raise errors.UserError(f"--layers {layers}: expected a positive depth")
+    return vit.ViTConfig(image_size=scenes.IMAGE_SIZE, patch_size=4, hidden_size=width, num_layers=layers,
+                         num_heads=width // HEAD_DIM, mlp_dim=4 * width, hidden_act="gelu")
+
+
+VISION_CONFIG = world_vision_config()  # the default shape (128 wide, 3 deep, 4 heads, MLP 512)
 TEXT_CONFIG = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
                "num_attention_heads": 4, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 EMBED_DIM = 64
@@ -121,6 +140,7 @@ class Pretrainer:
     batch: int = 256
     lr: float = 1e-3
     seed: int = 0
+    vision_config: vit.ViTConfig = VISION_CONFIG
 
     def __post_init__(self) -> None:
         from dediffusion_jax.train import trainer
@@ -131,7 +151,7 @@ class Pretrainer:
             "max_position_embeddings": int(self.tokenizer.model_max_length),
             "bos_token_id": int(self.tokenizer.bos_token_id), "eos_token_id": int(self.tokenizer.eos_token_id),
             "pad_token_id": int(self.tokenizer.pad_token_id)})
-        self.model = WorldCLIP(VISION_CONFIG, self.text_config)
+        self.model = WorldCLIP(self.vision_config, self.text_config)
         self.tx = trainer.adam(self.lr, self.lr * 0.02, min(100, self.steps // 10), self.steps,
                                weight_decay=0.01)
 
@@ -139,7 +159,7 @@ class Pretrainer:
         """Fresh params (key(seed) by default)."""
         key = jax.random.key(self.seed) if key is None else key
         ctx = self.text_config.max_position_embeddings
-        return self.model.init(key, *vit.dummy_inputs(VISION_CONFIG), jnp.zeros((1, ctx), jnp.int32))["params"]
+        return self.model.init(key, *vit.dummy_inputs(self.vision_config), jnp.zeros((1, ctx), jnp.int32))["params"]
 
     def batch_for_step(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
@@ -175,6 +195,8 @@ class Pretrainer:
         from dediffusion_jax.train import trainer
 
         args = {"steps": self.steps, "batch": self.batch, "lr": self.lr, "seed": self.seed}
+        if self.vision_config != VISION_CONFIG:  # only then: runs from before --width keep their args
+            args.update(width=self.vision_config.hidden_size, layers=self.vision_config.num_layers)
         return trainer.Task(init=self._init_state, step_fn=self._train_step,
                             data=trainer.StepIndexedIterator(self._batch_dict),
                             example_batch=trainer.example_of(self._batch_dict(0)), seed=self.seed,
@@ -218,11 +240,12 @@ def zero_shot_accuracy(model: WorldCLIP, params: Any, indices: np.ndarray, batch
     return float(np.mean(np.argmax(img @ txt.T, axis=1) == indices))
 
 
-def clip_model_config(text_config: clip_text.CLIPTextConfig) -> dict:
+def clip_model_config(text_config: clip_text.CLIPTextConfig,
+                      vision_config: vit.ViTConfig = VISION_CONFIG) -> dict:
     """config.json of the exported folder: a transformers CLIPConfig (CLIPModel)."""
     return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": EMBED_DIM,
             "logit_scale_init_value": float(np.log(1 / 0.07)),
-            "text_config": text_config.to_dict(), "vision_config": VISION_CONFIG.to_dict()}
+            "text_config": text_config.to_dict(), "vision_config": vision_config.to_dict()}
 
 
 WORLD_PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_normalize": True,
@@ -231,23 +254,30 @@ WORLD_PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_normaliz
                       "crop_size": {"height": scenes.IMAGE_SIZE, "width": scenes.IMAGE_SIZE}}
 
 
-def save_world_clip(params: Any, text_config: clip_text.CLIPTextConfig, out: str | Path, info: dict) -> Path:
+def save_world_clip(params: Any, text_config: clip_text.CLIPTextConfig, out: str | Path, info: dict,
+                    vision_config: vit.ViTConfig = VISION_CONFIG) -> Path:
     """A transformers CLIPModel folder (config.json + model.safetensors + TRAINING.json).
 
     Both towers are kept, so the folder is a usable CLIP of the world (and testable as one); the
     De-Diffusion backbone loader (`models.vit.load_clip_vision`) reads only its vision tower.
+    `vision_config` is the shape the params were trained with (Pretrainer.vision_config); a mismatch
+    is refused here rather than written into a folder that cannot load.
     """
     from dediffusion_jax import weights
 
+    p = jax.device_get(params)
+    expected = jax.tree.map(lambda a: tuple(a.shape), vit.abstract_params(vision_config))
+    if jax.tree.map(np.shape, p["vision"]) != expected:
+        raise ValueError(f"save_world_clip: the vision params do not have the shape of {vision_config} "
+                         f"(pass the Pretrainer's vision_config)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    p = jax.device_get(params)
     state = convert.flax_to_torch({
         "vision_model": p["vision"]["vision_model"], "text_model": p["text"]["text_model"],
         "visual_projection": p["visual_projection"], "text_projection": p["text_projection"]})
     state["logit_scale"] = np.asarray(p["logit_scale"], np.float32)
     weights.save({k: np.asarray(v, np.float32) for k, v in sorted(state.items())}, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(clip_model_config(text_config), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(clip_model_config(text_config, vision_config), indent=2) + "\n")
     # The images it was trained on are the world's, in [-1, 1]: (x/255 - 0.5) / 0.5. Recorded as
     # transformers' CLIPImageProcessor does, so a De-Diffusion run normalises its views the same way.
     (out / vit.PREPROCESSOR_CONFIG).write_text(json.dumps(WORLD_PREPROCESSOR, indent=2) + "\n")
@@ -286,7 +316,7 @@ def _cli(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     start = time.time()
-    trainer = Pretrainer(args.steps, args.batch, args.lr, args.seed)
+    trainer = Pretrainer(args.steps, args.batch, args.lr, args.seed, world_vision_config(args.width, args.layers))
     params, log = trainer.train(workdir=args.workdir, stop_after_steps=args.stop_after_steps,
                                 allow_changes=tuple(k for k in args.allow_changes.split(",") if k))
     wall = time.time() - start
@@ -298,7 +328,8 @@ def _cli(argv: list[str] | None = None) -> int:
     print(f"zero-shot scene accuracy among all {scenes.NUM_SCENES} captions: {json.dumps(acc)}", flush=True)
     info = {"args": vars(args), "train_wall_seconds": round(wall, 1), "log": log,
             "zero_shot_scene_accuracy": acc, "jax": jax.__version__, "split": "train"}
-    print(f"saved {save_world_clip(params, trainer.text_config, args.out, info)} ({wall:.0f} s)", flush=True)
+    out = save_world_clip(params, trainer.text_config, args.out, info, trainer.vision_config)
+    print(f"saved {out} ({wall:.0f} s)", flush=True)
     return 0
 
 

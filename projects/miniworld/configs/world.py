@@ -7,7 +7,8 @@ backbone=world|scratch|PATH (world, the default: the committed image tower of a 
 on the world's train scenes and captions (miniworld/pretrain_backbone.py), FROZEN, as the paper's CoCa
 ViT-L; scratch: a random-init ViT of the same shape trained end to end, the paper's "ViT-L random"
 ablation; PATH: any CLIPVisionModel folder, frozen), tokens=N
-(num_queries, N + 2 <= 16), depth=N (pooler blocks), punct (keep punctuation), steps=N,
+(num_queries, N + 2 <= 16), depth=N (pooler blocks), punct (keep punctuation: the encoder may also
+emit the tokenizer's punctuation entries, "," ";" ... as word-final tokens, with vocab=words too), steps=N,
 relax=soft|hard (Gumbel-softmax relaxation: soft, the default, or the straight-through hard one),
 timesteps=top|half|slide (the loss's noise levels: the upper half (default), the top fifth, or a
 window that slides from the top fifth to (0.5, 0.85) over the run),
@@ -19,7 +20,14 @@ data=DIR (read the world from the tfds dataset `mini_world` prepared in DIR by
 `python -m projects.miniworld.tfds_builder --data_dir DIR`, through the standard TfdsSource +
 Preprocessor path, instead of rendering scenes on the fly; the views are the same 16x16 images; DIR
 may not contain a comma), eval_every=N (the world evaluator every N steps and at the end; 0: none;
-default 250).
+default 250),
+images=all|single|pool (the training images, the world's analogue of the paper's training-data
+ablation, WebLI > ImageNet-1K > COCO; of the 3,648 scenes 364 are held out, leaving 3,284 train
+scenes: all (default): every train scene from the generative distribution, 1 or 2 objects
+(`miniworld:train`), large and diverse like WebLI; single: the 170 one-object train scenes only
+(`miniworld:train:objects=1`), object-centric and less diverse like ImageNet; pool: a fixed set of 64
+train scenes drawn once with a seed of its own, the same for every run seed (`miniworld:train:pool=64`),
+small like COCO's 83K; images other than all cannot be combined with data=DIR).
 """
 
 from pathlib import Path
@@ -27,7 +35,7 @@ from pathlib import Path
 from dediffusion_jax import config as common
 
 from projects.miniworld.captions import WORLD_WORDS
-from projects.miniworld.tokenizer import DISTRACTORS
+from projects.miniworld.tokenizer import DISTRACTORS, PUNCTUATION
 
 # Absolute paths from the installed package: a checkpoint made here loads from any working directory.
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -40,7 +48,10 @@ ARGS = dict(
     decoder=DEFAULT_DECODER, backbone="world", tokens=12, depth=2, punct=False, steps=1000,
     relax=common.one_of("soft", "hard"), timesteps=common.one_of("half", "top", "slide"),
     reduction=common.one_of("log_mean", "mean"), vocab=common.one_of("words", "all"),
-    diversity=0.01, data="", eval_every=250)
+    diversity=0.01, data="", eval_every=250, images=common.one_of("all", "single", "pool"))
+
+# images=...: the data.source of each training image set (module docstring).
+IMAGE_SETS = {"all": "miniworld:train", "single": "miniworld:train:objects=1", "pool": "miniworld:train:pool=64"}
 
 
 def get_config(arg: str | None = None):
@@ -68,6 +79,8 @@ def get_config(arg: str | None = None):
     # opens all 606 entries (minus punctuation) as the paper does with CLIP's.
     if args.vocab == "words":
         c.vocab.only_tokens = tuple(f"{w}</w>" for w in WORLD_WORDS + DISTRACTORS)
+        if args.punct:  # else only_tokens would mask the punctuation that punct keeps
+            c.vocab.only_tokens += tuple(f"{p}</w>" for p in PUNCTUATION)
     # Not in the paper. Without it the encoder collapsed within ~100 steps to one text for every image
     # (from scratch: "right" x 12, the word closest to empty text for this decoder; with the frozen world
     # backbone and 0: one word per batch by step 64); 0.01 keeps the slots exploring and the text
@@ -103,7 +116,10 @@ def get_config(arg: str | None = None):
     c.lr.update(dict(schedule="warmup_cosine", peak=1e-3, end=1e-5, warmup_steps=100))
     c.total_steps = args.steps  # 10.7 min at the 1.55 steps/s measured on 2 cores
     c.batch_size = 32
-    c.data.source = "miniworld:train"
+    c.data.source = IMAGE_SETS[args.images]
+    if args.data and args.images != "all":
+        raise common.ConfigArgError(f"images={args.images} draws scenes on the fly; it cannot be "
+                                    f"combined with data={args.data} (use images=all)")
     if args.data:
         # Same views as MiniWorldViews: both are the 16x16 image in [-1, 1] (the world backbone's
         # preprocessor_config.json normalises (x/255 - 0.5) / 0.5, as any folder or tfds source does;
