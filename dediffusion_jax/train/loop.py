@@ -160,12 +160,16 @@ def load_decoder_for(config: ml_collections.ConfigDict) -> LoadedDecoder:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
-                       *, decoder: LoadedDecoder | None = None, dataset: Any | None = None) -> dict[str, Any]:
-    """Trains (or resumes) the run in `workdir` on the trainer spine; returns its summary dict.
+                       *, decoder: LoadedDecoder | None = None, dataset: Any | None = None,
+                       stop_after_steps: int = 0, stop_after_minutes: float = 0.0) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir` on the trainer spine; returns its summary dict
+    (summary["preempted"]: it saved and stopped before config.total_steps).
 
     `decoder`: an already loaded decoder (tests); by default config.decoder.path is loaded.
     `dataset`: an iterable of host-local batches whose iterator has get_state/set_state and
       num_skipped (as pipeline.Dataset); by default `make_data(config, decoder)`.
+    `stop_after_steps` / `stop_after_minutes`: this call saves and returns after that much training
+      (0: no limit), e.g. for a runner that shares a time budget between runs; the same call resumes.
     Raises CheckpointError (corrupt restore, other decoder) and DecoderFolderError (bad path).
     """
     workdir = Path(workdir).expanduser().resolve()
@@ -180,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         progress_every=int(config.log.progress_every), checkpoint_every=int(config.checkpoint.every_steps),
         keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save),
         tensorboard=bool(config.log.tensorboard),
-        allow_changes=allowed_changes(config))
+        allow_changes=allowed_changes(config), stop_after_steps=int(stop_after_steps),
+        stop_after_minutes=float(stop_after_minutes))
     return trainer_lib.Trainer(task, workdir, settings, mesh).run()
 
 
