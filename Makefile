@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-all clean
+.PHONY: install demo ablations ablations-reduced test test-slow test-all clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,21 @@ install: $(STAMP)
 ## The main job: the end-to-end demo (see README).
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m projects.miniworld.demo --workdir workdirs/demo
+
+## The paper's ablations in the miniature world (docs/ablations.md): ~8 h on 2 cores for the whole
+## table; resumable: run it again after any stop. ABLATIONS=tokens (or a comma-separated list) for one family.
+## Runs already in the committed docs/ablations/ablations.json are taken as done; the tables and plots
+## are published back there.
+ABLATIONS ?= all
+PUBLISHED := docs/ablations
+ablations: install
+	HF_HUB_OFFLINE=1 $(PY) -m projects.miniworld.ablations --family $(ABLATIONS) --workdir workdirs/ablations \
+	  $(if $(wildcard $(PUBLISHED)/ablations.json),--import $(PUBLISHED)/ablations.json) --publish $(PUBLISHED)
+
+## The same pipeline at toy size (two settings, 8 steps, 8 scenes): a few minutes.
+ablations-reduced: install
+	HF_HUB_OFFLINE=1 $(PY) -m projects.miniworld.ablations --family punctuation --seeds 0 --reduced \
+	  --workdir workdirs/ablations_reduced
 
 ## The default test run (< 20 min on 2 cores): everything but tests marked slow.
 test: install

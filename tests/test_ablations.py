@@ -149,6 +149,20 @@ def test_each_setting_is_a_world_config_with_its_seed_and_steps(tmp_path):
     assert not set(halves["select"].tolist()) & set(halves["report"].tolist())
 
 
+def test_published_runs_are_taken_as_done_on_another_machine(tmp_path):
+    Recorder().run(tmp_path / "here")
+    ablations.publish(tmp_path / "here", tmp_path / "docs")
+    elsewhere = tmp_path / "fresh_clone"
+    imported = ablations.import_published(elsewhere, tmp_path / "docs" / "ablations.json")
+    assert sorted(imported) == ["default_steps8_seed0", "punct_steps8_seed0"]
+    rec = Recorder()
+    assert rec.run(elsewhere)["skipped"] == ["default_steps8_seed0", "punct_steps8_seed0"] and rec.trained == []
+    # A published table of another protocol is refused, not mixed in.
+    with pytest.raises(errors.UserError, match="another protocol"):
+        (elsewhere / "protocol.json").write_text(json.dumps({"steps": 600}))
+        ablations.import_published(elsewhere, tmp_path / "docs" / "ablations.json")
+
+
 def test_the_command_names_a_bad_family():
     assert ablations.main(["--family", "colour", "--workdir", "/tmp/x"]) == 2
 

@@ -232,10 +232,10 @@ def evaluate_sources(sources: Sequence[Any], decoder: Any, protocol: Protocol, r
     for half, indices in protocol.halves().items():
         out["third_party"][half] = _metrics(evaluator.evaluate(
             None, sources, indices, evaldir / f"third_party_{half}", num_steps=protocol.ddim_steps,
-            guidance_scales=protocol.third_guidance, generate_fn=generate, generator_key=key))
+            guidance_scales=protocol.third_guidance, generate_fn=generate, generator_key=key, progress=True))
         out["training_decoder"][half] = _metrics(evaluator.evaluate(
             decoder, sources, indices, evaldir / f"training_decoder_{half}", num_steps=protocol.ddim_steps,
-            guidance_scales=protocol.own_guidance))
+            guidance_scales=protocol.own_guidance, progress=True))
     return out
 
 
@@ -553,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=float, default=0.0, help="stop cleanly (resumably) after this long (0: no limit)")
     p.add_argument("--report", action="store_true", help="only write the tables and plots from stored results")
     p.add_argument("--publish", help="copy ablations.md, ablations.json and plots/ into this folder")
+    p.add_argument("--import", dest="import_from", metavar="ABLATIONS_JSON",
+                   help="first take the finished runs of a published ablations.json (e.g. "
+                        "docs/ablations/ablations.json) as done, where the workdir has none")
     p.add_argument("--reduced", action="store_true",
                    help=f"toy size for CI: {REDUCED.steps} steps, {REDUCED.scenes} scenes, the first "
                         f"{REDUCED.max_settings} settings of each family")
@@ -581,6 +584,10 @@ def _cli(argv: list[str] | None = None) -> int:
         raise errors.UserError(f"--seeds {args.seeds!r}: comma-separated integers, e.g. 0,1,2") from e
     protocol = REDUCED if args.reduced else FULL
     workdir = Path(args.workdir)
+    if args.import_from:
+        workdir.mkdir(parents=True, exist_ok=True)
+        names = import_published(workdir, Path(args.import_from))
+        _say(f"imported {len(names)} finished runs from {args.import_from}")
     if args.report:
         _check_protocol(workdir, protocol)
         write_report(workdir, protocol, families, seeds)
@@ -591,6 +598,30 @@ def _cli(argv: list[str] | None = None) -> int:
         publish(workdir, Path(args.publish))
     _say(f"tables: {workdir / 'ablations.md'}")
     return 0 if status["stopped"] is None or args.hours else 3
+
+
+def import_published(workdir: Path, published: Path) -> list[str]:
+    """Stores the runs of a published ablations.json (e.g. the committed docs/ablations/) as finished
+    runs of `workdir` where it has none, so a table grows across machines without recomputing them.
+    Refused when the published protocol is not this workdir's. Returns the run names imported."""
+    if not published.is_file():
+        raise errors.UserError(f"--import {published}: no such file (an ablations.json written by --publish)")
+    try:
+        data = json.loads(published.read_text())
+        protocol, runs = data["protocol"], data["runs"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.UserError(f"--import {published}: not an ablations.json ({e})") from e
+    _check_protocol(workdir, Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in protocol.items()}))
+    imported = []
+    for name, result in runs.items():
+        path = workdir / "runs" / name / "result.json"
+        if not path.is_file():
+            _write_json(path, result)
+            imported.append(name)
+    references = data.get("references")
+    if references and not (workdir / "references.json").is_file():
+        _write_json(workdir / "references.json", references)
+    return imported
 
 
 def publish(workdir: Path, out: Path) -> None:
