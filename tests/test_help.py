@@ -36,6 +36,7 @@ ENTRY_POINTS = [
     (["-m", "dediffusion_jax.evaluation.convert_inception", "--help"], True),
     (["-m", "dediffusion_jax.evaluate", "--help"], True),
     (["-m", "dediffusion_jax.encode", "--help"], True),
+    (["-m", "dediffusion_jax.encode_latents", "--help"], True),
     (["-m", "projects.miniworld.pretrain_decoder", "--help"], True),
     (["-m", "projects.miniworld.pretrain_backbone", "--help"], True),
     (["-m", "projects.miniworld.classifier", "--help"], True),

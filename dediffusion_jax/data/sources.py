@@ -103,8 +103,10 @@ def decode_record(data: bytes) -> dict[str, Any]:
     return record
 
 
-def write_array_record(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
-    """Writes examples (see the record format above) to one array_record file; returns the count."""
+def write_array_record(path: str | os.PathLike, records: Iterable[Mapping[str, Any]], *,
+                       encode: Callable[[Mapping[str, Any]], bytes] = encode_record) -> int:
+    """Writes examples (see the record format above) to one array_record file; returns the count.
+    `encode`: record -> bytes, for another record format (data/latents.py's)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     path = Path(path)
@@ -113,7 +115,7 @@ def write_array_record(path: str | os.PathLike, records: Iterable[Mapping[str, A
     n = 0
     try:
         for record in records:
-            writer.write(encode_record(record))
+            writer.write(encode(record))
             n += 1
     finally:
         writer.close()
@@ -253,7 +255,9 @@ SPEC_FORMS = """accepted source specs:
                                                    (DATA_DIR defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets;
                                                    SPLIT may be sliced: train[:1000])
   folder:PATH  or an existing directory PATH        images under PATH (jpg, jpeg, png, webp), recursive
-  arrayrecord:GLOB[,GLOB...]                        files written by write_array_record"""
+  arrayrecord:GLOB[,GLOB...]                        files written by write_array_record
+  latents:DIR                                       backbone views + VAE posteriors precomputed by
+                                                   python -m dediffusion_jax.encode_latents (data/latents.py)"""
 
 _TFDS_SPEC = re.compile(
     r"^(?P<name>[A-Za-z0-9_]+(?:/[A-Za-z0-9_.\-]+)?)"
@@ -304,7 +308,8 @@ def build_source(spec: str, config: Any = None) -> BuiltSource:
 
 
 def spec_forms() -> str:
-    extra = "".join(f"  {p}:...      (registered by an imported extension)\n" for p in registered_prefixes())
+    extra = "".join(f"  {p}:...      (registered by an imported extension)\n" for p in registered_prefixes()
+                    if f"\n  {p}:" not in SPEC_FORMS)
     return SPEC_FORMS + extra
 
 
@@ -333,3 +338,12 @@ def source_from_spec(spec: str) -> ImageSource:
         return ImageFolderSource(spec)
     raise SourceSpecError(f"unrecognised source spec {spec!r} (not a known prefix, not an existing "
                      f"directory)\n{SPEC_FORMS}")
+
+
+def _latents(rest: str, config: Any) -> BuiltSource:
+    from dediffusion_jax.data import latents
+
+    return latents.built_source(rest)
+
+
+register_source("latents", _latents)  # data/latents.py; imported lazily (it is only needed then)

@@ -168,9 +168,19 @@ class DeDiffusion:
 
     # -- the loss ---------------------------------------------------------------------------------
     def clean_sample(self, frozen: Any, batch: dict[str, Array], rng: Array) -> Array:
-        """x_0 of the diffusion: the decoder view (pixel decoders) or its VAE latent."""
+        """x_0 of the diffusion: the decoder view (pixel decoders) or its VAE latent.
+
+        A batch may bring the latent instead of the decoder view: "latents" (ready diffusion latents,
+        used as they are) or "latent_mean" + "latent_logvar" (the VAE posterior precomputed by
+        `python -m dediffusion_jax.encode_latents`, read by the `latents:DIR` source): then z is
+        sampled with `rng` and scaled exactly as the in-step encode does it, and the VAE is not run."""
         if "latents" in batch:
             return batch["latents"]
+        if "latent_mean" in batch:
+            dtype = self.decoder.dtype  # the in-step encode's output dtype, so eps is drawn alike
+            return vae_lib.latents_from_posterior(
+                self.decoder.vae_config, batch["latent_mean"].astype(dtype),
+                batch["latent_logvar"].astype(dtype), rng)
         if not self.decoder.is_latent:
             return batch["decoder"]
         return vae_lib.latents_from_images(

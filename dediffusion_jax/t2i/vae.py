@@ -399,6 +399,17 @@ def latents_from_images(
     mean, logvar = AutoencoderKL(config, dtype=dtype).apply(
         {"params": vae_params}, images, method=AutoencoderKL.encode
     )
+    return latents_from_posterior(config, mean, logvar, rng)
+
+
+def latents_from_posterior(
+    config: VAEConfig, mean: jax.Array, logvar: jax.Array, rng: jax.Array | None = None
+) -> jax.Array:
+    """The posterior (mean, logvar) of `AutoencoderKL.encode` -> diffusion latents, as
+    `latents_from_images` makes them: a sample `mean + exp(logvar / 2) * eps` (eps drawn from `rng` in
+    mean's dtype; the mean itself without `rng`), then shift and `scaling_factor`. Precomputed
+    posteriors (`python -m dediffusion_jax.encode_latents`) go through here, so the same key gives the
+    same latent as the encode in the step."""
     z = mean
     if rng is not None:
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)

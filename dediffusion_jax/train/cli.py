@@ -147,6 +147,12 @@ def validate_command_line(argv: list[str]) -> ml_collections.ConfigDict:
     if not any(a == "--workdir" or a.startswith("--workdir=") for a in argv):
         raise UsageError("missing --workdir\n" + USAGE)
     config = load_config_file(spec)
+    check_overrides(config, argv)
+    return config
+
+
+def check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+    """Every --config.KEY override of argv names a field of `config` and fits its type (UsageError)."""
     keys = flat_keys(config)
     for key, value, tokens in cli_flags.parse_overrides(argv)[1]:
         text = " ".join(tokens)
@@ -156,7 +162,28 @@ def validate_command_line(argv: list[str]) -> ml_collections.ConfigDict:
                 "; see the config file for the fields")
             raise UsageError(f"unknown config key config.{key} (in {text}){hint}")
         _check_value(key, keys[key], value)
-    return config
+
+
+def config_from_argv(spec: str, argv: list[str]) -> ml_collections.ConfigDict:
+    """The config `--config SPEC` plus the `--config.KEY=VALUE` overrides in argv, checked and then
+    read by ml_collections' config_flags exactly as the trainer reads them: for commands that take a
+    run's config beside the trainer (`python -m dediffusion_jax.encode_latents`). Raises UsageError."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    check_overrides(load_config_file(spec), argv)
+    overrides = [o.normalized() for o in cli_flags.parse_overrides(argv)[1]]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file[:arg]", flag_values=values,
+                                    lock_config=True)
+    argv = ["prog", "--config", spec, *overrides]
+    saved_argv = sys.argv
+    sys.argv = argv  # config_flags reads the overrides from sys.argv at parse time
+    try:
+        values(argv)
+    finally:
+        sys.argv = saved_argv
+    return values.config
 
 
 # ------------------------------------------------------------------------------------------- --help

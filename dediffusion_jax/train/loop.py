@@ -28,7 +28,7 @@ import optax
 from jax.sharding import Mesh
 
 from dediffusion_jax import extensions
-from dediffusion_jax.data import pipeline, preprocess, sources
+from dediffusion_jax.data import latents as latents_lib, pipeline, preprocess, sources
 from dediffusion_jax.parallel import multihost, sharding as sharding_lib
 from dediffusion_jax.parallel.mesh import make_mesh, replicated
 from dediffusion_jax.models import build as model_build
@@ -40,7 +40,9 @@ from dediffusion_jax.evaluation import evaluators as evaluators_lib
 
 log = logging.getLogger(__name__)
 
-DEVICE_KEYS = ("backbone", "decoder")  # batch fields the step reads; ids/captions stay on the host
+# Batch fields the step reads (the decoder view, or its precomputed VAE posterior from a latents:
+# source); ids/captions stay on the host.
+DEVICE_KEYS = ("backbone", "decoder", "latent_mean", "latent_logvar")
 # Config fields a resumed run may change freely: they alter neither the optimisation nor the data
 # stream (logging, how often and how many checkpoints, evaluators, the mesh layout, the decoder's
 # location: its weights hash is checked separately). Anything else needs resume.allow_changes.
@@ -106,6 +108,19 @@ def make_data(config: ml_collections.ConfigDict, decoder: LoadedDecoder, *,
 
     process_index/process_count default to this process's; pass them to build another host's shard.
     """
+    source, preprocess_fn = source_and_preprocess(config, decoder)
+    return pipeline.make_dataset(
+        source, global_batch_size=int(config.batch_size), seed=int(config.seed),
+        shuffle=bool(config.data.shuffle), worker_count=int(config.data.worker_count),
+        read_threads=int(config.data.read_threads), preprocess_fn=preprocess_fn,
+        process_index=process_index, process_count=process_count)
+
+
+def source_and_preprocess(config: ml_collections.ConfigDict, decoder: LoadedDecoder
+                          ) -> tuple[sources.ImageSource, pipeline.PreprocessFn]:
+    """The source of config.data.source and the function that makes its records' views (the
+    source's own, or the standard backbone + decoder views): what the run trains on, one record at a
+    time (`python -m dediffusion_jax.encode_latents` encodes these)."""
     spec = str(config.data.source)
     if not spec:
         raise ValueError("config.data.source is empty; set e.g. --config.data.source=folder:/images\n"
@@ -120,11 +135,26 @@ def make_data(config: ml_collections.ConfigDict, decoder: LoadedDecoder, *,
         preprocess_fn = preprocess.Preprocessor(preprocess.PreprocessConfig.from_dict(
             {**p, "backbone_size": int(config.backbone.image_size), "backbone_mean": mean,
              "backbone_std": std, "decoder_size": _decoder_view_size(config, decoder)}))
-    return pipeline.make_dataset(
-        source, global_batch_size=int(config.batch_size), seed=int(config.seed),
-        shuffle=bool(config.data.shuffle), worker_count=int(config.data.worker_count),
-        read_threads=int(config.data.read_threads), preprocess_fn=preprocess_fn,
-        process_index=process_index, process_count=process_count)
+    return source, preprocess_fn
+
+
+def latents_source_for(config: ml_collections.ConfigDict,
+                       decoder: LoadedDecoder) -> latents_lib.LatentsSource | None:
+    """The latents folder of a `latents:DIR` data source, checked against this run (finished, this
+    decoder's weights identity, this backbone's view size and normalisation); None for other sources.
+    Raises LatentsError (one line)."""
+    spec = str(config.data.source)
+    if not latents_lib.is_latents_spec(spec):
+        return None
+    if not decoder.is_latent:
+        raise latents_lib.LatentsError(f"data.source={spec!r} holds VAE latents, but the decoder "
+                                       f"{decoder.path} is pixel-space (no vae/)")
+    folder = latents_lib.LatentsSource(latents_lib.directory_of(spec))
+    mean, std = model_build.backbone_normalisation(config)
+    folder.check_run(decoder_identity=decoder.identity, decoder_path=decoder.path,
+                     backbone_size=int(config.backbone.image_size), backbone_mean=mean,
+                     backbone_std=std)
+    return folder
 
 
 def device_fields(batch: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -222,6 +252,14 @@ def de_diffusion_task(config: ml_collections.ConfigDict, decoder: LoadedDecoder,
     size, dsize = int(config.backbone.image_size), _decoder_view_size(config, decoder)
     example = {"backbone": jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32),
                "decoder": jax.ShapeDtypeStruct((global_batch, dsize, dsize, 3), jnp.float32)}
+    frozen = parts.frozen_params()
+    latents_folder = latents_source_for(config, decoder)
+    if latents_folder is not None:
+        # The batch brings the VAE posterior instead of the decoder view: the step samples and scales
+        # it, and the VAE's weights stay off the devices (not an argument of the compiled step).
+        example = {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+                   for name, (shape, dtype) in latents_folder.example_fields(global_batch).items()}
+        frozen["decoder"] = {k: v for k, v in frozen["decoder"].items() if k != "vae"}
     frozen_rules = sharding_lib.frozen_rules(fsdp=bool(config.mesh.frozen_fsdp))
     token_ids = jax.jit(parts.model.token_ids, out_shardings=replicated(mesh))
     samples_every = int(config.log.samples_every)
@@ -257,7 +295,7 @@ def de_diffusion_task(config: ml_collections.ConfigDict, decoder: LoadedDecoder,
         rng_seed=seed + 1,
         state_shardings=lambda abstract, m: step_lib.state_shardings_for(abstract, m, sharding_lib.ENCODER_RULES),
         # Frozen weights: placed on the mesh once, never donated, never in the optimizer.
-        frozen=parts.frozen_params(),
+        frozen=frozen,
         frozen_shardings=lambda tree, m: sharding_lib.tree_shardings(tree, m, frozen_rules),
         # A pretrained, trained backbone starts the state (sharded like the state's backbone).
         init_inputs=parts.state_backbone_arg,

@@ -183,6 +183,15 @@ def random_decoder(
     return LoadedDecoder(spec, params)
 
 
+def save_random_decoder(family: str, path: str | Path, tokenizer_dir: str | Path, *,
+                        seed: int = 0) -> Path:
+    """`random_decoder` saved as a diffusers folder (with our writer, folder.save_decoder); -> path."""
+    from dediffusion_jax.t2i.folder import save_decoder
+
+    save_decoder(random_decoder(family, tokenizer_dir, seed=seed), path)
+    return Path(path)
+
+
 def write_reference_folder(
     family: str,
     path: str | Path,
