@@ -105,6 +105,7 @@ def test_a_latents_folder_holds_the_views_and_posteriors_of_every_image(encoded,
     np.testing.assert_allclose(first["backbone"], view, atol=1e-3)  # float16: 2^-11 of |x| <= 1
 
 
+@pytest.mark.slow  # four 3-step runs, two step compiles: 18 s warm, 51 s cold
 def test_training_from_latents_gives_the_image_sources_losses(encoded, decoder_dir, decoder, images_dir,
                                                                tmp_path):
     """3 steps from the images (VAE encode in the step) and from the latents (no VAE in the step), the
