@@ -271,7 +271,7 @@ def evaluate_run(run: Run, workdir: Path, protocol: Protocol, renderers: Rendere
     return {"scores": {d: {h: rows[evaluator.DE_DIFFUSION] for h, rows in halves.items()}
                        for d, halves in scores.items()},
             "text_statistics": evaluator.text_statistics(report_texts, report),
-            "distinct_texts": len(set(report_texts)), "texts": report_texts[:8], "eval_wall_s": round(time.time() - start, 1)}
+            "distinct_texts": len(set(report_texts)), "texts": report_texts, "eval_wall_s": round(time.time() - start, 1)}
 
 
 def evaluate_references(workdir: Path, protocol: Protocol, renderers: Renderers) -> dict[str, Any]:
@@ -342,6 +342,7 @@ def aggregate(family: Family, results: Mapping[str, Mapping[str, Any]], protocol
             "runs": [r.name for r in runs],
             "third_party": {m: mean_std([c[m] for c in per_seed["third_party"]]) for m in METRICS},
             "training_decoder": {m: mean_std([c[m] for c in per_seed["training_decoder"]]) for m in METRICS},
+            "per_seed": {d: {m: [c[m] for c in per_seed[d]] for m in ("object", "world_fid")} for d in per_seed},
             "guidance": [c["guidance"] for c in per_seed["third_party"]],
             "text_recall": mean_std([results[r.name]["text_statistics"].get("recall") for r in runs]),
             "select_object": mean_std(select_object),
@@ -419,12 +420,15 @@ def plot_family(agg: Mapping[str, Any], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 3 if has_paper else 2, figsize=(4.2 * (3 if has_paper else 2), 3.4))
     x = list(range(len(rows)))
     labels = [r["label"].split(" (")[0][:22] for _, r in rows]
-    for ax, metric, title in ((axes[0], "object", "objects ↑ (third-party)"), (axes[1], "world_fid", "world-FID ↓ (third-party)")):
-        for decoder, colour in (("third_party", "C0"), ("training_decoder", "C1")):
+    for ax, metric, title in ((axes[0], "object", "objects ↑ (report half)"), (axes[1], "world_fid", "world-FID ↓ (report half)")):
+        for decoder, colour, shift in (("third_party", "C0", -0.06), ("training_decoder", "C1", 0.06)):
             means = [r[decoder][metric]["mean"] for _, r in rows]
             stds = [r[decoder][metric]["std"] or 0.0 for _, r in rows]
-            ax.errorbar(x, means, yerr=stds, fmt="o-", color=colour, capsize=3,
+            ax.errorbar([i + shift for i in x], means, yerr=stds, fmt="o-", color=colour, capsize=3,
                         label="third-party (sd_world)" if decoder == "third_party" else "training decoder")
+            for i, (_, r) in enumerate(rows):  # each seed a dot
+                seeds = r.get("per_seed", {}).get(decoder, {}).get(metric, [])
+                ax.plot([i + shift] * len(seeds), seeds, ".", color=colour, alpha=0.45)
         ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
