@@ -13,8 +13,8 @@ with CLIP's vocabulary size and special ids.
 Per (batch, remat, latents) configuration it compiles the trainer's own step (train/step.py:
 make_step_fn + compile_step: loss, gradients w.r.t. the encoder, Adafactor update, metrics), runs
 `--warmup` steps that are not timed, then times `--steps` steps (each until its outputs are ready)
-and reports the median: step ms, images/s (global and per device), XLA's FLOPs per step (per device;
-XLA counts a loop body once, so the fused vocabulary head's chunk loop is under-counted), TFLOP/s,
+and reports the median: step ms, images/s (global and per device), XLA's FLOPs per step (per device,
+each loop body counted as many times as it runs: dediffusion_jax/loop_flops.py), TFLOP/s,
 MFU against the device's bf16 dense peak (PEAK_TFLOPS), XLA's memory analysis and the device's peak
 memory (memory_stats, where the backend has it; a process-wide high-water mark, so it only grows
 across configurations). A configuration that fails (out of memory) is recorded with its error and
@@ -76,7 +76,7 @@ import numpy as np  # noqa: E402
 from configs import paper  # noqa: E402
 from dediffusion_jax.models import build as model_build  # noqa: E402
 from dediffusion_jax.parallel import sharding as sharding_lib  # noqa: E402
-from dediffusion_jax.parallel.mesh import make_mesh, replicated  # noqa: E402
+from dediffusion_jax.parallel.mesh import batch_shard_count, make_mesh, replicated  # noqa: E402
 from dediffusion_jax.t2i import clip_text, schedules, unet, vae  # noqa: E402
 from dediffusion_jax.t2i.folder import DecoderSpec  # noqa: E402
 from dediffusion_jax.train import builders, optimizer as optimizer_lib, step as step_lib  # noqa: E402
@@ -275,7 +275,8 @@ def time_one(setup: Setup, batch_per_device: int, latents: str, steps: int, warm
     n_dev = mesh.devices.size
     global_batch = batch_per_device * n_dev
     optimizer = optimizer_lib.make_optimizer(config)
-    step_fn = step_lib.make_step_fn(setup.model, optimizer, optimizer_lib.make_lr_schedule(config),
+    model = dataclasses.replace(setup.model, batch_shards=batch_shard_count(mesh))  # as the trainer's
+    step_fn = step_lib.make_step_fn(model, optimizer, optimizer_lib.make_lr_schedule(config),
                                     builders.build_temperature_fn(config))
     size, dsize = int(config.backbone.image_size), spec.image_size
     rng = np.random.default_rng(0)
@@ -314,7 +315,8 @@ def time_one(setup: Setup, batch_per_device: int, latents: str, steps: int, warm
         "batch_per_device": batch_per_device, "global_batch": global_batch,
         "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
         "images_per_s": global_batch / step_s, "images_per_s_per_device": batch_per_device / step_s,
-        "flops_per_step_per_device": flops, "tflops_per_s_per_device": tflops,
+        "flops_per_step_per_device": flops, "xla_flops_per_step_per_device": fns.xla_flops_per_step,
+        "tflops_per_s_per_device": tflops,
         "mfu": tflops / peak if (tflops and peak) else None,
         "compile_s": fns.compile_seconds, "xla_memory": fns.memory, "peak_bytes_in_use": peak_memory(),
         "loss": loss, "finite": bool(np.isfinite(loss)), "timed_steps": len(times),

@@ -47,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
     # only_tokens: when non-empty, the encoder may emit these vocabulary entries only.
     c.vocab = ml_collections.ConfigDict(dict(exclude_punctuation=True, exclude_tokens=(), only_tokens=()))
     c.quantizer = ml_collections.ConfigDict(dict(
-        hard=True, token_path="fused", rows_per_chunk=16,
+        # rows_per_chunk: query rows of the fused token path computed at once per device (0 = as many
+        # as keep its [rows, V] float32 temporaries within chunk_budget_mb; models/quantizer.py).
+        hard=True, token_path="fused", rows_per_chunk=0, chunk_budget_mb=64.0,
         # Not in the paper (0 = off): weight of a wav2vec-2.0-style slot-diversity term that keeps
         # small from-scratch encoders from mapping every image to one text (models/dediffusion.py).
         diversity_weight=0.0,
@@ -128,7 +130,10 @@ FIELD_DOCS: dict[str, str] = {
     "vocab.only_tokens": "when non-empty, the encoder may emit these vocabulary entries only",
     "quantizer.hard": "straight-through (hard) Gumbel-softmax; False = the soft relaxation",
     "quantizer.token_path": "fused (memory-lean custom VJP) | soft (reference formulation); same values",
-    "quantizer.rows_per_chunk": "rows of the fused token path computed at once (memory vs speed)",
+    "quantizer.rows_per_chunk": "rows per device of the fused token path computed at once; 0 = the most "
+                                "that fit quantizer.chunk_budget_mb (memory vs speed; same values)",
+    "quantizer.chunk_budget_mb": "MB (10^6 bytes) the fused token path's [rows, V] float32 temporaries may "
+                                 "take per device when rows_per_chunk = 0",
     "quantizer.diversity_weight": "weight of the slot-diversity term (not in the paper; 0 = off)",
     "quantizer.temperature.schedule": "Gumbel temperature schedule: constant | exponential | linear | cosine",
     "quantizer.temperature.start": "Gumbel temperature at step 0",

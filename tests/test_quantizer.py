@@ -230,7 +230,9 @@ def bytes_per_example(batch=4, num=75, vocab=49_408, dim=64, width=128) -> dict[
     forms = {
         "plain gumbel_softmax @ E": lambda p: q.gumbel_softmax(head(*p), rng, 1.3, False) @ E,
         "soft_token_embeddings": lambda p: q.soft_token_embeddings(head(*p), rng, 1.3, False, E),
-        "fused_soft_token_embeddings": lambda p: q.fused_soft_token_embeddings(
+        "fused, rows_per_chunk = 16": lambda p: q.fused_soft_token_embeddings(
+            features, *p, mask, rng, 1.3, False, E, rows_per_chunk=16),
+        "fused, default (auto)": lambda p: q.fused_soft_token_embeddings(
             features, *p, mask, rng, 1.3, False, E),
     }
     report = {}
@@ -249,12 +251,17 @@ def test_memory_report():
     report = bytes_per_example()
     for name, row in report.items():
         print(f"{name:30s} " + "  ".join(f"{k} {v:8.2f}" for k, v in row.items()))
-    plain, custom, fused = report.values()
+    plain, custom, fused, auto = report.values()
     one_hot_mb = 75 * 49_408 * 4 / 1e6  # 14.8 MB
     assert plain["residual_MB_per_example"] >= one_hot_mb  # the soft one-hot is kept
     assert custom["residual_MB_per_example"] <= plain["residual_MB_per_example"]
     assert fused["residual_MB_per_example"] < 0.01 * one_hot_mb
     assert fused["temp_MB_per_example"] < 0.2 * plain["temp_MB_per_example"]
+    # The default chunking (4 chunks of 75 rows here) keeps no more, and its temporaries stay within the
+    # budget besides the head's [128, V] gradient accumulator.
+    assert q.auto_rows_per_chunk(300, 49_408) == 75
+    assert auto["residual_MB_per_example"] == fused["residual_MB_per_example"]
+    assert 4 * auto["temp_MB_per_example"] <= q.CHUNK_BUDGET_MB + 128 * 49_408 * 4 / 1e6
 
 
 def test_hard_tokens_through_the_frozen_clip_text_encoder_equal_its_run_on_the_argmax_ids(tokenizer):

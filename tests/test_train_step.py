@@ -6,6 +6,7 @@ All on a tiny random pixel decoder with the miniature world's tokenizer, and a t
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,31 @@ def test_sharded_steps_match_one_device(built, decoder, axes):
     # all keys); Adam turns their rounding noise into ~1e-5 steps that differ between layouts.
     for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+
+
+def test_logged_flops_count_the_vocabulary_heads_loop_per_iteration(built, decoder):
+    """Issue 21: XLA counts a loop body once, so its figure for a chunked fused vocabulary head drops
+    with the chunk size; compile_step's flops_per_step (what the trainer logs as TFLOP/s) does not.
+    2 devices, 8 images x 6 queries = 24 rows per device: in one chunk, and in chunks of 4 (the op's
+    own tests: tests/test_vocab_head_chunks.py)."""
+    model, _, _ = built
+    _, init_params, _ = build.build_model(tiny_config(), decoder.spec)
+    axes = {"data": 2}
+    mesh = make_mesh(axes, devices=jax.devices()[:2])
+    optimizer = optax.adam(1e-3)
+    state, state_sh = born_sharded_state(init_params, optimizer, mesh)
+    frozen = {"decoder": decoder.params}
+    frozen_sh = sharding_lib.tree_shardings(frozen, mesh, sharding_lib.FROZEN_REPLICATED)
+    fns = {}
+    for rows in (48 // axes["data"], 4):
+        chunked = dataclasses.replace(model, rows_per_chunk=rows, batch_shards=axes["data"])
+        step_fn = step_lib.make_step_fn(chunked, optimizer, lambda s: 1e-3, lambda s: jnp.float32(1.0))
+        fns[rows] = step_lib.compile_step(step_fn, state, state_sh, frozen, frozen_sh, make_batch(), mesh,
+                                          jax.random.key(5))
+    whole, chunked = fns.values()
+    assert whole.flops_per_step == whole.xla_flops_per_step  # no loop
+    assert chunked.xla_flops_per_step < whole.xla_flops_per_step - 1e6  # XLA alone misses ~5 chunks
+    assert chunked.flops_per_step == pytest.approx(whole.flops_per_step, rel=0.01)
 
 
 def test_loss_falls_on_a_fixed_batch(built, decoder):

@@ -128,7 +128,8 @@ def build_model(
         decoder,
         hard=bool(q.hard),
         token_path=str(q.token_path),
-        rows_per_chunk=int(q.get("rows_per_chunk", 16)),
+        rows_per_chunk=int(q.get("rows_per_chunk", 0)),
+        chunk_budget_mb=float(q.get("chunk_budget_mb", quantizer.CHUNK_BUDGET_MB)),
         diversity_weight=float(q.get("diversity_weight", 0.0)),
         **loss_fields(config),
     )

@@ -52,7 +52,12 @@ class DeDiffusion:
     decoder: DecoderSpec
     hard: bool = True
     token_path: str = "fused"
-    rows_per_chunk: int = 16
+    # The fused path's chunking (quantizer.fused_soft_token_embeddings): rows per chunk of one batch
+    # shard (0 = the largest under chunk_budget_mb) and how many ways the train step splits the batch
+    # over devices (set from the mesh by the trainer; 1 = unsplit).
+    rows_per_chunk: int = 0
+    chunk_budget_mb: float = quantizer.CHUNK_BUDGET_MB
+    batch_shards: int = 1
     diversity_weight: float = 0.0
     timestep_range: tuple[float, float] = (0.0, 1.0)  # fractions of the decoder's training timesteps
     # Timestep curriculum (off when None): the window slides linearly from timestep_range at step 0
@@ -149,7 +154,8 @@ class DeDiffusion:
             head = params["vocab_head"]["dense"]
             embeds = quantizer.fused_soft_token_embeddings(
                 features, head["kernel"], head["bias"], self.exclusion_mask, rng, temperature,
-                self.hard, table, rows_per_chunk=self.rows_per_chunk,
+                self.hard, table, rows_per_chunk=self.rows_per_chunk, chunk_budget_mb=self.chunk_budget_mb,
+                batch_shards=self.batch_shards,
             )
             token_embeds = quantizer.assemble_token_embeddings(embeds, table, bos, eos, pad, context)
             out = text_model.apply(

@@ -14,16 +14,22 @@ logits and the rng (the noise and the softmax are recomputed in the backward pas
 just as large, so on its own it saves no bytes (measured below); it is the drop-in op that lets the
 decoder take token_embeds. `fused_soft_token_embeddings` also recomputes the logits from the pooler
 features and the head weights, chunk by chunk of query rows, so nothing of size [B, N, V] is kept or even
-fully built: that is the one that removes the 14.8 MB/example.
+fully built: that is the one that removes the 14.8 MB/example. Its default chunking (`auto_rows_per_chunk`)
+takes the fewest equal chunks, at least 2, whose [chunk, V] float32 temporaries fit
+`quantizer.chunk_budget_mb` (64 MB: at most 80 rows at V = 49,408); each device chunks its own rows
+(`batch_shards`). The measurements behind it: bench/README.md, `python -m bench.vocab_head`.
 Measured with XLA's memory analysis on CPU: value_and_grad w.r.t. the head (kernel [128, V], bias) of a
 mean-squared loss on the [B, N, 64] embeddings, B = 4, N = 75, V = 49,408, soft; per example
-(`tests/test_quantizer.py::test_memory_report` prints them):
+(`tests/test_quantizer.py::test_memory_report` prints them; 2026-12-06):
   formulation                      saved residuals   XLA temp (peak temporaries of the compiled step)
   plain gumbel_softmax @ E             14.88 MB          74.11 MB
   soft_token_embeddings (logits)       14.88 MB          74.11 MB
-  fused (rows_per_chunk = 16)           0.06 MB           7.24 MB
+  fused (rows_per_chunk = 16)           0.06 MB           7.27 MB
+  fused (default: 4 chunks of 75)       0.06 MB          18.70 MB
 "Saved residuals" is what autodiff keeps from the forward to the backward pass (what stays alive while the
-decoder runs); arguments (head 25.3 MB + E 12.6 MB) are the same for all three.
+decoder runs); arguments (head 25.3 MB + E 12.6 MB) are the same for all. The fused op's temporaries are
+those of its own loop, which runs before and after the decoder, not beside it: in a whole train step
+16-row and 75-row chunks give the same peak (bench/README.md).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dediffusion_jax import loop_flops
 from dediffusion_jax.t2i.bpe import bytes_to_unicode
 
 Array = jax.Array
@@ -280,19 +287,21 @@ def _embed_from_u(u: Array, hard: bool, embedding_matrix: Array) -> Array:
 
 
 def _relaxed_backward(u: Array, temperature: Array, hard: bool, embedding_matrix: Array,
-                      g: Array) -> tuple[Array, Array, Array]:
+                      g: Array, lead: int = 0) -> tuple[Array, Array, Array]:
     """Cotangents of (logits, temperature, E) given the output cotangent g.
 
     The logits/temperature get the soft gradient either way (straight-through); E's gradient is
-    value^T g, and the forward value is the exact one-hot when `hard`.
+    value^T g, and the forward value is the exact one-hot when `hard`. The first `lead` axes are kept
+    apart in the temperature's and E's cotangents (the fused op's batch shards).
     """
     y = jax.nn.softmax(u, axis=-1)
     dy = g @ embedding_matrix.astype(jnp.float32).T
     du = y * (dy - jnp.sum(y * dy, axis=-1, keepdims=True))
     dlogits = du / temperature
-    dtemp = -jnp.sum(du * u) / temperature
+    dtemp = -jnp.sum(du * u, axis=tuple(range(lead, u.ndim))) / temperature
     value = jax.nn.one_hot(jnp.argmax(u, axis=-1), u.shape[-1], dtype=jnp.float32) if hard else y
-    dembed = jnp.einsum("...v,...d->vd", value, g)
+    rows = lambda a: a.reshape(*a.shape[:lead], -1, a.shape[-1])  # noqa: E731
+    dembed = jnp.einsum("...rv,...rd->...vd", rows(value), rows(g))
     return dlogits, dtemp, dembed
 
 
@@ -334,72 +343,128 @@ def soft_token_embeddings(logits: Array, gumbel_noise_or_rng: Array, temperature
                        embedding_matrix)
 
 
-def _chunked_rows(x: Array, rows_per_chunk: int) -> tuple[Array, int]:
-    rows = x.shape[0]
-    chunks = -(-rows // rows_per_chunk)
-    pad = chunks * rows_per_chunk - rows
-    x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
-    return x.reshape(chunks, rows_per_chunk, *x.shape[1:]), pad
+# The fused op's chunking (measured by bench/vocab_head.py: bench/README.md, its section).
+# By default (rows_per_chunk 0 or None) a batch shard's query rows are cut into the fewest equal chunks,
+# at least 2, whose ROW_BUFFERS float32 [chunk, V] buffers (an upper bound on what one chunk holds at
+# once on XLA:CPU) fit CHUNK_BUDGET_MB: at V = 49,408, at most 80 rows a chunk (4 x 75 rows for 4
+# images). Fewer, larger chunks are faster (each chunk streams the [C, V] head, its gradient and E once
+# more: 16-row chunks take 2x the time of 64-row ones at the paper's width on CPU), and past ~64 rows
+# the time flattens. At least 2, because a single chunk runs with no loop around it, and XLA is then
+# free to schedule its work among the decoder's: on XLA:CPU a train step at V = 49,408 and 300 rows
+# then needs 822 MB of temporaries instead of 542 MB; a loop's body stays out of the step's peak, and
+# at a world's V = 606 a loop of 2 chunks is as fast as one pass.
+CHUNK_BUDGET_MB = 64.0
+ROW_BUFFERS = 4
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 8, 9))
+def auto_rows_per_chunk(rows: int, vocab_size: int, budget_mb: float = CHUNK_BUDGET_MB) -> int:
+    """Rows a chunk of the fused op for `rows` query rows of one batch shard: the fewest equal chunks,
+    at least 2, whose ROW_BUFFERS float32 [chunk, V] buffers fit `budget_mb` (10^6 bytes); at least 1."""
+    rows = max(int(rows), 1)
+    cap = max(1, int(budget_mb * 1e6 // (ROW_BUFFERS * vocab_size * 4)))
+    chunks = min(rows, max(2, -(-rows // cap)))
+    return -(-rows // chunks)
+
+
+def _to_chunks(x: Array, shards: int, rows_per_chunk: int) -> Array:
+    """[R, ...] rows -> [chunks, shards, rows_per_chunk, ...]: each shard's rows (a contiguous R/shards,
+    the batch sharding's split) cut into chunks, zero-padded. The loop runs over the unsharded leading
+    axis, so under data parallelism every device loops over its own rows only."""
+    rows, rest = x.shape[0], x.shape[1:]
+    local = rows // shards
+    chunks = -(-local // rows_per_chunk)
+    x = x.reshape(shards, local, *rest)
+    x = jnp.pad(x, ((0, 0), (0, chunks * rows_per_chunk - local)) + ((0, 0),) * len(rest))
+    return jnp.moveaxis(x.reshape(shards, chunks, rows_per_chunk, *rest), 1, 0)
+
+
+def _from_chunks(y: Array, rows: int) -> Array:
+    """Inverse of `_to_chunks` (padding dropped): [chunks, shards, rows_per_chunk, ...] -> [rows, ...]."""
+    y = jnp.moveaxis(y, 0, 1)
+    shards, rest = y.shape[0], y.shape[3:]
+    return y.reshape(shards, -1, *rest)[:, : rows // shards].reshape(rows, *rest)
+
+
+def _over_chunks(body: Callable, init: Any, xs: Any, shards: int) -> tuple[Any, Any]:
+    """`lax.scan(body, init, xs)`, or one plain call when there is one chunk (no loop at all). The loop
+    runs in a named scope that says how many batch shards its chunks hold, which is how
+    `dediffusion_jax.loop_flops` counts the body's FLOPs per device."""
+    if jax.tree.leaves(xs)[0].shape[0] == 1:
+        carry, y = body(init, jax.tree.map(lambda a: a[0], xs))
+        return carry, jax.tree.map(lambda a: a[None], y)
+    with loop_flops.sharded_scope("fused_vocab_head", shards):
+        return jax.lax.scan(body, init, xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 8, 9, 10))
 def _fused(features, kernel, bias, mask, rng, temperature, hard, embedding_matrix, rows_per_chunk,
-           embedding_grad):
+           embedding_grad, shards):
     return _fused_fwd(features, kernel, bias, mask, rng, temperature, hard, embedding_matrix,
-                      rows_per_chunk, embedding_grad)[0]
+                      rows_per_chunk, embedding_grad, shards)[0]
 
 
 def _fused_chunk_u(x_c, idx_c, kernel, bias, mask, rng, temperature):
+    """u = (masked logits + Gumbel noise) / tau for a chunk x_c [.., C] whose rows have indices idx_c."""
     logits = apply_mask(x_c.astype(jnp.float32) @ kernel.astype(jnp.float32)
                         + bias.astype(jnp.float32), mask)
     draw = jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(rng, i), (kernel.shape[1],),
                                                 jnp.float32))
-    return (logits + draw(idx_c)) / temperature
+    return (logits + draw(idx_c.reshape(-1)).reshape(logits.shape)) / temperature
+
+
+def _fused_inputs(features, rows_per_chunk, shards, *more):
+    """Flattened rows and their Gumbel indices (plus `more` [.., k] arrays), cut by `_to_chunks`."""
+    rows = math.prod(features.shape[:-1])
+    flat = [features.reshape(rows, -1), jnp.arange(rows, dtype=jnp.uint32)]
+    flat += [m.reshape(rows, -1) for m in more]
+    return rows, [_to_chunks(a, shards, rows_per_chunk) for a in flat]
 
 
 def _fused_fwd(features, kernel, bias, mask, rng, temperature, hard, embedding_matrix, rows_per_chunk,
-               embedding_grad):
-    *lead, width = features.shape
-    x, _ = _chunked_rows(features.reshape(-1, width), rows_per_chunk)
-    idx, _ = _chunked_rows(jnp.arange(math.prod(lead), dtype=jnp.uint32), rows_per_chunk)
+               embedding_grad, shards):
+    rows, (x, idx) = _fused_inputs(features, rows_per_chunk, shards)
 
-    def one(args):
-        x_c, idx_c = args
-        u = _fused_chunk_u(x_c, idx_c, kernel, bias, mask, rng, temperature)
-        return _embed_from_u(u, hard, embedding_matrix)
+    def one(carry, args):
+        u = _fused_chunk_u(*args, kernel, bias, mask, rng, temperature)
+        return carry, _embed_from_u(u, hard, embedding_matrix)
 
-    out = jax.lax.map(one, (x, idx)).reshape(-1, embedding_matrix.shape[1])[: math.prod(lead)]
-    out = out.reshape(*lead, embedding_matrix.shape[1])
+    out = _from_chunks(_over_chunks(one, (), (x, idx), shards)[1], rows)
+    out = out.reshape(*features.shape[:-1], embedding_matrix.shape[1])
     return out, (features, kernel, bias, mask, rng, temperature, embedding_matrix)
 
 
-def _fused_bwd(hard, rows_per_chunk, embedding_grad, res, g):
+def _fused_bwd(hard, rows_per_chunk, embedding_grad, shards, res, g):
     features, kernel, bias, mask, rng, temperature, embedding_matrix = res
-    *lead, width = features.shape
-    x, _ = _chunked_rows(features.reshape(-1, width), rows_per_chunk)
-    idx, _ = _chunked_rows(jnp.arange(math.prod(lead), dtype=jnp.uint32), rows_per_chunk)
-    gc, _ = _chunked_rows(g.reshape(-1, g.shape[-1]).astype(jnp.float32), rows_per_chunk)  # pad rows: g = 0
+    # The barrier (as jax.checkpoint's, with the cotangent in it) keeps XLA from merging this
+    # recomputation with the forward's by common-subexpression elimination, which would keep the
+    # forward's [rows, V] noise and logits alive across the decoder, the very residuals this op exists
+    # to avoid (measured: with one chunk XLA:CPU merged them; a loop also prevents it). It does not stop
+    # XLA:CPU from scheduling a one-chunk recomputation early: hence at least 2 chunks by default.
+    features, kernel, bias, rng, g = jax.lax.optimization_barrier((features, kernel, bias, rng, g))
+    # Padded rows get g = 0, so they add nothing to any gradient.
+    rows, (x, idx, gc) = _fused_inputs(features, rows_per_chunk, shards, g.astype(jnp.float32))
     k32 = kernel.astype(jnp.float32)
 
-    def step(carry, args):
+    def step(carry, args):  # per batch shard: [S, ..] partial sums, added up once after the loop
         dkernel, dbias, dtemp, dembed = carry
         x_c, idx_c, g_c = args
         u = _fused_chunk_u(x_c, idx_c, kernel, bias, mask, rng, temperature)
-        dlogits, dt, de = _relaxed_backward(u, temperature, hard, embedding_matrix, g_c)
+        dlogits, dt, de = _relaxed_backward(u, temperature, hard, embedding_matrix, g_c, lead=1)
         dlogits = jnp.where(jnp.asarray(mask), 0.0, dlogits)
         dx = dlogits @ k32.T
-        carry = (dkernel + x_c.astype(jnp.float32).T @ dlogits, dbias + dlogits.sum(0), dtemp + dt,
-                 dembed + de if embedding_grad else dembed)
+        carry = (dkernel + jnp.einsum("src,srv->scv", x_c.astype(jnp.float32), dlogits),
+                 dbias + dlogits.sum(1), dtemp + dt, dembed + de if embedding_grad else dembed)
         return carry, dx
 
-    init = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32),
-            jnp.zeros((), jnp.float32),
-            jnp.zeros(embedding_matrix.shape if embedding_grad else (), jnp.float32))
-    (dkernel, dbias, dtemp, dembed), dx = jax.lax.scan(step, init, (x, idx, gc))
-    dx = dx.reshape(-1, width)[: math.prod(lead)].reshape(features.shape)
-    dembed = dembed.astype(embedding_matrix.dtype) if embedding_grad else jnp.zeros_like(embedding_matrix)
-    return (dx.astype(features.dtype), dkernel.astype(kernel.dtype), dbias.astype(bias.dtype), None, None,
-            dtemp.astype(temperature.dtype), dembed)
+    init = (jnp.zeros((shards, *kernel.shape), jnp.float32), jnp.zeros((shards, *bias.shape), jnp.float32),
+            jnp.zeros((shards,), jnp.float32),
+            jnp.zeros((shards, *embedding_matrix.shape) if embedding_grad else (), jnp.float32))
+    (dkernel, dbias, dtemp, dembed), dx = _over_chunks(step, init, (x, idx, gc), shards)
+    dx = _from_chunks(dx, rows).reshape(features.shape)
+    dembed = (dembed.sum(0).astype(embedding_matrix.dtype) if embedding_grad
+              else jnp.zeros_like(embedding_matrix))
+    return (dx.astype(features.dtype), dkernel.sum(0).astype(kernel.dtype), dbias.sum(0).astype(bias.dtype),
+            None, None, dtemp.sum(0).astype(temperature.dtype), dembed)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -407,16 +472,28 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_soft_token_embeddings(features: Array, kernel: Array, bias: Array, mask: Array | np.ndarray,
                                 rng: Array, temperature: float | Array, hard: bool,
-                                embedding_matrix: Array, rows_per_chunk: int = 16,
-                                embedding_grad: bool = False) -> Array:
+                                embedding_matrix: Array, rows_per_chunk: int | None = None,
+                                embedding_grad: bool = False, *, chunk_budget_mb: float = CHUNK_BUDGET_MB,
+                                batch_shards: int = 1) -> Array:
     """Vocabulary head + Gumbel-softmax + `@ E` in one op that never keeps (or builds) [B, N, V].
 
     features [.., C] are the pooler outputs; kernel [C, V] / bias [V] the head's Dense parameters
     (params['vocab_head']['dense']); mask [V] the exclusion mask. Logits are recomputed in float32, chunk
-    by chunk of `rows_per_chunk` query rows, in both passes; only the features and the rng are kept.
-    Equals `soft_token_embeddings(head(features), rng, ...)` in value and gradients. The gradient w.r.t.
-    E is computed only when `embedding_grad` (the decoder's E is frozen; zeros otherwise).
+    by chunk of query rows, in both passes; only the features and the rng are kept. `rows_per_chunk`
+    (rows of one batch shard): 0 or None = `auto_rows_per_chunk` under `chunk_budget_mb`; one chunk runs
+    with no loop. `batch_shards`: how many ways the leading (batch) axis is split over devices (the
+    mesh's data x fsdp): each shard's rows are chunked apart, so a device loops over its own rows and
+    the head's gradient is summed across devices once, after the loop (with 1 under data parallelism
+    every device would run every chunk of the global batch); 1 when it does not divide the leading axis.
+    Equals `soft_token_embeddings(head(features), rng, ...)` in value and gradients, whatever the
+    chunking. The gradient w.r.t. E is computed only when `embedding_grad` (the decoder's E is frozen;
+    zeros otherwise).
     """
+    rows = math.prod(features.shape[:-1])
+    lead = features.shape[0] if features.ndim > 1 else 1
+    shards = int(batch_shards) if batch_shards and lead % int(batch_shards) == 0 else 1
+    local = rows // shards
+    chunk = int(rows_per_chunk or 0) or auto_rows_per_chunk(local, kernel.shape[1], chunk_budget_mb)
     return _fused(features, kernel, bias, jnp.asarray(mask, jnp.bool_), rng,
-                  jnp.asarray(temperature, jnp.float32), hard, embedding_matrix, rows_per_chunk,
-                  embedding_grad)
+                  jnp.asarray(temperature, jnp.float32), hard, embedding_matrix, max(1, min(chunk, local)),
+                  embedding_grad, shards)

@@ -101,6 +101,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shard_count(mesh: Mesh) -> int:
+    """How many ways `batch_sharding` splits the batch: the product of the mesh's data x fsdp sizes."""
+    return math.prod(int(mesh.shape[a]) for a in BATCH_AXES if a in mesh.shape)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the full value (scalars, small frozen trees, rng keys)."""
     return NamedSharding(mesh, P())

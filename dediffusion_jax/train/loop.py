@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from dediffusion_jax import extensions
 from dediffusion_jax.data import latents as latents_lib, pipeline, preprocess, sources
 from dediffusion_jax.parallel import multihost, sharding as sharding_lib
-from dediffusion_jax.parallel.mesh import make_mesh, replicated
+from dediffusion_jax.parallel.mesh import batch_shard_count, make_mesh, replicated
 from dediffusion_jax.models import build as model_build
 from dediffusion_jax.models.dediffusion import DeDiffusion
 from dediffusion_jax.t2i.folder import LoadedDecoder
@@ -47,7 +47,9 @@ DEVICE_KEYS = ("backbone", "decoder", "latent_mean", "latent_logvar")
 # stream (logging, how often and how many checkpoints, evaluators, the mesh layout, the decoder's
 # location: its weights hash is checked separately). Anything else needs resume.allow_changes.
 FREE_ON_RESUME = ("log", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save", "evals",
-                  "resume", "mesh", "decoder.path", "data.read_threads")
+                  "resume", "mesh", "decoder.path", "data.read_threads",
+                  # the fused vocabulary head's chunking: memory and speed, the same values
+                  "quantizer.rows_per_chunk", "quantizer.chunk_budget_mb")
 
 
 @dataclasses.dataclass
@@ -288,7 +290,10 @@ def de_diffusion_task(config: ml_collections.ConfigDict, decoder: LoadedDecoder,
 
     return trainer_lib.Task(
         init=parts.init_state,
-        step_fn=step_lib.make_step_fn(parts.model, parts.optimizer, parts.lr_fn, parts.temperature_fn),
+        # The fused vocabulary head chunks each device's rows apart (models/quantizer.py).
+        step_fn=step_lib.make_step_fn(
+            dataclasses.replace(parts.model, batch_shards=batch_shard_count(mesh)), parts.optimizer,
+            parts.lr_fn, parts.temperature_fn),
         data=data_iter,
         example_batch=example,
         seed=seed,
