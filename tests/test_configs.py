@@ -113,7 +113,7 @@ def test_config_files_declare_their_arguments():
     # `train --config FILE --help` lists a file's ARGS; get_config() is get_config(its defaults).
     for path, expected in [(PAPER, {"decoder", "backbone", "data", "runlocal"}),
                            (MINIWORLD, {"decoder", "backbone", "tokens", "depth", "punct", "steps", "relax",
-                                        "timesteps", "reduction", "vocab", "diversity", "data", "eval_every"})]:
+                                        "timesteps", "reduction", "vocab", "diversity", "data", "images", "eval_every"})]:
         module = cli.load_config_module(path)
         assert set(module.ARGS) == expected
     assert cli.load_config_file(f"{MINIWORLD}:steps=7,diversity=0").total_steps == 7
