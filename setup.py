@@ -18,5 +18,7 @@ setup(
     packages=find_packages(include=["dediffusion_jax", "dediffusion_jax.*", "projects", "projects.*"]),
     package_data={"projects.miniworld": ["assets/**/*"]},
     install_requires=_pins("requirements.txt"),
-    extras_require={"dev": _pins("requirements-dev.txt")},
+    # "coco": the COCO caption toolkit, only for the parity tests of fewshot/cider.py
+    # (tests/test_fewshot_caption.py skips them without it); a 104 MB wheel (Java jars), pure Python.
+    extras_require={"dev": _pins("requirements-dev.txt"), "coco": ["pycocoevalcap==1.2"]},
 )

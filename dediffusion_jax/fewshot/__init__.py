@@ -7,6 +7,7 @@ the paper's prompt formats and answers. The modules, one job each:
   the k-shot layout and zero-shot "pseudo samples";
 - `scoring`: the answer before `$` (before the period for classification), normalisation, exact
   match, the VQA accuracy metric, the per-question-type breakdown;
+- `cider`: CIDEr-D as the COCO caption evaluation computes it (scoring `--task caption`);
 - `support`: support sets drawn by seed from the train split, and N-way K-shot episodes;
 - `backends`: the one small `LanguageModel` interface, `open_llm(spec)`; `http_backend` (an
   OpenAI-compatible server), `local_backend` (a transformers folder), `cache` (answers on disk);

@@ -1,4 +1,4 @@
-"""Few-shot VQA / classification through a language model that reads each image as text (App. B).
+"""Few-shot VQA / captioning / classification through a language model that reads images as text (App. B).
 
     python -m dediffusion_jax.fewshot --texts "De-Diffusion=texts.jsonl" --texts "captions=caps.jsonl" \
         --blank --questions questions.jsonl --llm http://127.0.0.1:8080/v1 --shots 0,4,32 --out results/
@@ -9,6 +9,8 @@ anywhere: the model's prior). `--llm`: an OpenAI-compatible server's base URL (l
 Ollama, TGI) or a local transformers folder (safetensors). Writes OUT/results.json, OUT/results.md
 (text source x shots, and per question type) and OUT/predictions.jsonl; answers are cached in
 OUT/answers.jsonl (or --cache), so a rerun asks the model nothing it already answered.
+`--task caption`: rows {image_id, captions: [...], split?}; each image's caption is scored by CIDEr-D
+against its captions as the COCO toolkit does (document frequencies from the evaluated images).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 from dediffusion_jax import errors
 
 BLANK = "blank (no image context)"
+CAPTION_NOTES = ("CIDEr-D x100 (the COCO toolkit's CIDEr, as papers print it), over the evaluated images; "
+                 "document frequencies from their reference captions.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blank", action="store_true", help="add the blank-query source (no image context)")
     p.add_argument("--questions", required=True,
                    help="VQA: JSONL {image_id, question, answers|answer, question_type?, split?}; "
+                        "caption: JSONL {image_id, captions, split?}; "
                         "classify: JSONL {image_id, label, split?}. 'train' rows are the support pool")
     p.add_argument("--support", default=None, help="the support pool from another file (all its rows)")
-    p.add_argument("--task", choices=("vqa", "classify"), default="vqa")
+    p.add_argument("--task", choices=("vqa", "caption", "classify"), default="vqa")
     p.add_argument("--llm", required=True, help="http(s)://HOST:PORT/v1 or a transformers model folder")
-    p.add_argument("--shots", default=None, help="comma list (vqa default 0,4,32; classify default 1)")
+    p.add_argument("--shots", default=None, help="comma list (vqa, caption default 0,4,32; classify default 1)")
     p.add_argument("--pseudo-shots", type=int, default=2,
                    help="zero-shot: support examples with the image context left blank (default 2)")
     p.add_argument("--ways", type=int, default=5, help="classify: classes per episode")
@@ -45,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classify: with task induction, without, or both columns")
     p.add_argument("--seed", type=int, default=0, help="support sampling seed")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N eval questions only")
-    p.add_argument("--max-tokens", type=int, default=8, help="longest answer generated, in tokens")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="longest answer generated, in tokens (default 8; caption 32)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cache", default=None, help="answer cache (default OUT/answers.jsonl)")
     p.add_argument("--no-cache", action="store_true")
@@ -93,9 +99,10 @@ def _main(argv: list[str]) -> int:
 
     if not args.texts and not args.blank:
         raise errors.UserError("give at least one --texts [NAME=]FILE (or --blank)")
-    shots = parse_shots(args.shots or ("0,4,32" if args.task == "vqa" else "1"))
+    shots = parse_shots(args.shots or ("1" if args.task == "classify" else "0,4,32"))
+    max_tokens = args.max_tokens if args.max_tokens is not None else (32 if args.task == "caption" else 8)
     sources = {name: data.read_texts(path) for name, path in source_specs(args.texts)}
-    read = data.read_questions if args.task == "vqa" else data.read_items
+    read = {"vqa": data.read_questions, "caption": data.read_captioned, "classify": data.read_items}[args.task]
     rows = read(args.questions)
     pool = read(args.support) if args.support else [r for r in rows if r.split == "train"]
     evals = [r for r in rows if r.split != "train"][:args.limit]
@@ -116,17 +123,19 @@ def _main(argv: list[str]) -> int:
     def progress(line: str) -> None:
         print(f"[{time.time() - start:6.1f} s] {line}", file=sys.stderr, flush=True)
 
-    if args.task == "vqa":
-        settings = run.VqaSettings(shots=shots, pseudo_shots=args.pseudo_shots, seed=args.seed,
-                                   max_tokens=args.max_tokens)
+    if args.task in ("vqa", "caption"):
+        kind = run.VqaSettings if args.task == "vqa" else run.CaptionSettings
+        settings = kind(shots=shots, pseudo_shots=args.pseudo_shots, seed=args.seed, max_tokens=max_tokens)
         if max(shots) > len(pool) or (0 in shots and args.pseudo_shots > len(pool)):
-            raise errors.UserError(f"the support pool has {len(pool)} questions; --shots {args.shots} "
+            what = "questions" if args.task == "vqa" else "images"
+            raise errors.UserError(f"the support pool has {len(pool)} {what}; --shots {args.shots} "
                                    "needs more (mark rows \"split\": \"train\" or give --support)")
-        result = run.evaluate_vqa(llm, evals, pool, sources, settings, progress)
+        evaluate = run.evaluate_vqa if args.task == "vqa" else run.evaluate_caption
+        result = evaluate(llm, evals, pool, sources, settings, progress)
     else:
         induction = {"both": (True, False), "yes": (True,), "no": (False,)}[args.induction]
         settings = run.ClassifySettings(ways=args.ways, shots=shots, induction=induction, seed=args.seed,
-                                        max_tokens=args.max_tokens)
+                                        max_tokens=max_tokens)
         try:
             result = run.evaluate_classify(llm, evals, pool, sources, settings, progress)
         except ValueError as e:
@@ -136,11 +145,15 @@ def _main(argv: list[str]) -> int:
                "seconds": round(time.time() - start, 1)}
     if isinstance(llm, CachedLLM):
         summary["cache"] = {"hits": llm.hits, "misses": llm.misses}
+    if args.task == "caption":
+        summary["metric"] = "CIDEr-D (pycocoevalcap's CIDEr), per image and averaged; results.md shows it x100"
+        title, notes, metric = f"Few-shot caption: {len(evals)} images, {llm.identity}", CAPTION_NOTES, "cider"
+    else:
+        title, notes, metric = f"Few-shot {args.task}: {len(evals)} questions, {llm.identity}", "", "accuracy"
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     data.write_jsonl(out / "predictions.jsonl", result["predictions"])
-    title = f"Few-shot {args.task}: {len(evals)} questions, {llm.identity}"
-    (out / "results.md").write_text(report.markdown(result["sources"], title))
-    print(report.accuracy_table(result["sources"]))
+    (out / "results.md").write_text(report.markdown(result["sources"], title, notes, metric))
+    print(report.accuracy_table(result["sources"], metric))
     return 0
 
 

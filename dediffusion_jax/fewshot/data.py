@@ -7,6 +7,9 @@
   support set is drawn from the "train" rows (or from a separate `--support` file).
 - classification items: JSONL, one {"image_id", "label", "split"?} per image; the support classes and
   examples come from the "train" rows.
+- captioning images: JSONL, one {"image_id", "captions": [...], "split"?} per image; the "train" rows
+  are the support pool (a shot shows the image's first caption), the others are scored by CIDEr-D
+  against all their captions.
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ class Item:
 
     image_id: str
     label: str
+    split: str = "eval"
+
+
+@dataclasses.dataclass(frozen=True)
+class Captioned:
+    """One image with its reference captions."""
+
+    image_id: str
+    captions: tuple[str, ...]
     split: str = "eval"
 
 
@@ -90,6 +102,19 @@ def read_items(path: str | os.PathLike) -> list[Item]:
         if "image_id" not in row or "label" not in row:
             raise DataError(f"{path}:{n}: a classification row needs \"image_id\" and \"label\"")
         out.append(Item(str(row["image_id"]), str(row["label"]), str(row.get("split", "eval"))))
+    return out
+
+
+def read_captioned(path: str | os.PathLike) -> list[Captioned]:
+    """Every image of a captioning file, in file order."""
+    out = []
+    for n, row in _rows(path):
+        caps = row.get("captions")
+        if "image_id" not in row or not isinstance(caps, list) or not caps \
+                or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise DataError(f"{path}:{n}: a captioning row needs \"image_id\" and \"captions\": a "
+                            "non-empty list of non-empty strings")
+        out.append(Captioned(str(row["image_id"]), tuple(caps), str(row.get("split", "eval"))))
     return out
 
 

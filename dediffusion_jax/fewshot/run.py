@@ -1,7 +1,8 @@
 """The few-shot evaluation: every text source x every number of shots, through one language model.
 
-For each query the support is drawn by (seed, question id, k) from the train split, so every text
-source sees the same support questions and images; only the texts differ (a paired comparison).
+For each query the support is drawn by (seed, question id or image id, k) from the train split, so
+every text source sees the same support questions and images; only the texts differ (a paired
+comparison).
 k = 0 is the paper's zero-shot: `pseudo_shots` support examples with the image context left blank.
 A text source whose every text is "" is the blank query (the model's prior).
 """
@@ -12,9 +13,9 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from dediffusion_jax.fewshot import prompts, scoring, support
+from dediffusion_jax.fewshot import cider, prompts, scoring, support
 from dediffusion_jax.fewshot.backends import LanguageModel
-from dediffusion_jax.fewshot.data import Item, Question, check_texts
+from dediffusion_jax.fewshot.data import Captioned, Item, Question, check_texts
 
 Progress = Callable[[str], None]
 
@@ -32,24 +33,36 @@ def vqa_prompts(questions: Sequence[Question], pool: Sequence[Question], texts: 
     """One prompt per question: k shots from the pool (k = 0: pseudo samples), then the query."""
     out = []
     for q in questions:
-        n = k if k > 0 else settings.pseudo_shots
-        picked = support.sample_support(pool, n, settings.seed, f"{q.question_id}/{k}")
+        picked = _support(pool, q.question_id, k, settings)
         shots = [prompts.Shot(texts[s.image_id], s.answers[0], s.question) for s in picked]
-        if k == 0:
-            shots = prompts.pseudo_shots(shots)
-        out.append(prompts.vqa_prompt(texts[q.image_id], q.question, shots))
+        out.append(prompts.vqa_prompt(texts[q.image_id], q.question, _pseudo(shots, k)))
     return out
+
+
+def _support(pool: Sequence[Any], key: str, k: int, settings: VqaSettings) -> list[Any]:
+    """k examples for the query `key` (k = 0: `pseudo_shots` of them), drawn by (seed, key, k)."""
+    return support.sample_support(pool, k if k > 0 else settings.pseudo_shots, settings.seed, f"{key}/{k}")
+
+
+def _pseudo(shots: list[prompts.Shot], k: int) -> list[prompts.Shot]:
+    return prompts.pseudo_shots(shots) if k == 0 else shots
+
+
+def _check_sources(sources: Mapping[str, Mapping[str, str]], queries: Sequence[Any], pool: Sequence[Any],
+                   shots: Sequence[int]) -> None:
+    """Every text source has a text for every query image (and every pool image when k > 0)."""
+    needed = {q.image_id for q in queries}
+    if any(k > 0 for k in shots):
+        needed |= {q.image_id for q in pool}
+    for name, texts in sources.items():
+        check_texts(texts, needed, name)
 
 
 def evaluate_vqa(llm: LanguageModel, questions: Sequence[Question], pool: Sequence[Question],
                  sources: Mapping[str, Mapping[str, str]], settings: VqaSettings,
                  progress: Progress | None = None) -> dict[str, Any]:
     """{"sources": {name: {k: breakdown}}, "predictions": [...]}; breakdown = scoring.breakdown."""
-    needed = {q.image_id for q in questions}
-    if any(k > 0 for k in settings.shots):
-        needed |= {q.image_id for q in pool}
-    for name, texts in sources.items():
-        check_texts(texts, needed, name)
+    _check_sources(sources, questions, pool, settings.shots)
     results: dict[str, dict[str, Any]] = {}
     predictions = []
     for name, texts in sources.items():
@@ -63,6 +76,44 @@ def evaluate_vqa(llm: LanguageModel, questions: Sequence[Question], pool: Sequen
                              "prediction": a, "answers": list(q.answers), "score": s}
                             for q, a, s in zip(questions, answers, scores)]
             _report(progress, f"{name}, {k}-shot", results[name][str(k)])
+    return {"sources": results, "predictions": predictions}
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionSettings(VqaSettings):
+    max_tokens: int = 32    # a COCO caption is ~10 words; the answer stops at `$` or a newline
+
+
+def caption_prompts(images: Sequence[Captioned], pool: Sequence[Captioned], texts: Mapping[str, str],
+                    k: int, settings: CaptionSettings) -> list[str]:
+    """One prompt per image: k support images with their first caption (k = 0: pseudo samples)."""
+    out = []
+    for it in images:
+        shots = [prompts.Shot(texts[s.image_id], s.captions[0]) for s in _support(pool, it.image_id, k, settings)]
+        out.append(prompts.caption_prompt(texts[it.image_id], _pseudo(shots, k)))
+    return out
+
+
+def evaluate_caption(llm: LanguageModel, images: Sequence[Captioned], pool: Sequence[Captioned],
+                     sources: Mapping[str, Mapping[str, str]], settings: CaptionSettings,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """{"sources": {name: {k: {"all": {"cider", "n"}}}}, "predictions": [...]}: CIDEr-D over `images`,
+    its document frequencies from their reference captions (as the COCO evaluation of a split)."""
+    _check_sources(sources, images, pool, settings.shots)
+    refs = [it.captions for it in images]
+    results: dict[str, dict[str, Any]] = {}
+    predictions = []
+    for name, texts in sources.items():
+        results[name] = {}
+        for k in settings.shots:
+            captions = ask(llm, caption_prompts(images, pool, texts, k, settings), "caption", settings.max_tokens)
+            scores = cider.cider_d(captions, refs)
+            results[name][str(k)] = {"all": {"cider": sum(scores) / len(scores), "n": len(scores)}}
+            predictions += [{"source": name, "shots": k, "image_id": it.image_id, "prediction": c,
+                             "captions": list(it.captions), "score": s}
+                            for it, c, s in zip(images, captions, scores)]
+            if progress:
+                progress(f"{name}, {k}-shot: CIDEr {results[name][str(k)]['all']['cider']:.3f}")
     return {"sources": results, "predictions": predictions}
 
 
