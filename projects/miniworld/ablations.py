@@ -134,6 +134,11 @@ class Protocol:
     small_backbone_steps: int = 2000
     max_settings: int = 0  # 0: every setting of a family (reduced mode: the first few)
 
+    @classmethod
+    def from_json(cls, stored: Mapping[str, Any]) -> "Protocol":
+        """The protocol a protocol.json (or a published ablations.json) recorded."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+
     def steps_of(self, setting: Setting) -> int:
         """A setting's steps: its own (> 0), a multiple of the protocol's (< 0), or the protocol's."""
         if setting.steps is None:
@@ -616,7 +621,7 @@ def import_published(workdir: Path, published: Path) -> list[str]:
         protocol, runs = data["protocol"], data["runs"]
     except (ValueError, KeyError, TypeError) as e:
         raise errors.UserError(f"--import {published}: not an ablations.json ({e})") from e
-    _check_protocol(workdir, Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in protocol.items()}))
+    _check_protocol(workdir, Protocol.from_json(protocol))
     imported = []
     for name, result in runs.items():
         path = workdir / "runs" / name / "result.json"
