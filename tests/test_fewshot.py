@@ -147,6 +147,15 @@ def test_evaluate_vqa_scores_each_source_and_shot_per_question_type():
     assert "| words | 50.0 | 50.0 |" in table and "0-shot" in table
 
 
+def test_zero_shot_needs_texts_for_the_queries_only():
+    qs = [Question("q0", "img0", "What colour?", ("red",), "colour")]
+    pool = [Question(f"t{i}", f"tr{i}", "What colour?", ("green",), "colour", "train") for i in range(5)]
+    model = EchoModel()
+    res = run.evaluate_vqa(model, qs, pool, {"words": {"img0": "red circle"}}, run.VqaSettings(shots=(0,), pseudo_shots=2))
+    assert res["sources"]["words"]["0"]["all"]["accuracy"] == 1.0
+    assert model.prompts[0].count("Image context: Image question") == 2  # the pseudo samples, blank
+
+
 class MatchModel:
     """Answers the name of the support line whose context equals the query's: right exactly when the
     episode named the query's class consistently."""

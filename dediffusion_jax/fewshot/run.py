@@ -34,7 +34,8 @@ def vqa_prompts(questions: Sequence[Question], pool: Sequence[Question], texts: 
     out = []
     for q in questions:
         picked = _support(pool, q.question_id, k, settings)
-        shots = [prompts.Shot(texts[s.image_id], s.answers[0], s.question) for s in picked]
+        # pseudo samples (k = 0) blank the support context, so a source needs no text for the pool
+        shots = [prompts.Shot(texts[s.image_id] if k > 0 else "", s.answers[0], s.question) for s in picked]
         out.append(prompts.vqa_prompt(texts[q.image_id], q.question, _pseudo(shots, k)))
     return out
 
