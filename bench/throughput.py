@@ -323,6 +323,15 @@ def time_one(setup: Setup, batch_per_device: int, latents: str, steps: int, warm
     }
 
 
+def environment(devices: list | None = None) -> dict[str, Any]:
+    """Where a run ran (every benchmark's JSON has it): date, devices, host, jax, bf16 peak."""
+    devices = jax.devices() if devices is None else devices
+    kind = devices[0].device_kind
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "platform": devices[0].platform, "device_kind": kind, "device_count": len(devices),
+            "host": platform.node(), "jax": jax.__version__, "peak_tflops_bf16": peak_tflops(kind)}
+
+
 def peak_memory() -> int | None:
     stats = []
     for d in jax.local_devices():
@@ -436,15 +445,10 @@ def main(argv: list[str] | None = None) -> dict:
     decoder_params = random_decoder_params(spec, replicated(mesh))
     remats = {"on": [True], "off": [False], "both": [True, False]}[args.remat]  # the paper's first
     latents = {"step": ["step"], "precomputed": ["precomputed"], "both": ["step", "precomputed"]}[args.latents]
-    kind = jax.devices()[0].device_kind
     result: dict[str, Any] = {
         "preset": args.preset, "dtype": args.dtype,
         "command": "python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv),
-        "environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "platform": jax.devices()[0].platform, "device_kind": kind,
-                        "device_count": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
-                        "peak_tflops_bf16": peak_tflops(kind)},
-        "runs": [],
+        "environment": environment(), "runs": [],
     }
     for remat in remats:
         setup = make_setup(preset, spec, decoder_params, args.dtype, remat, mesh)
@@ -481,12 +485,16 @@ def main(argv: list[str] | None = None) -> dict:
                                                       r["step_ms"] / row["step_ms"] for r in ours}
             result["torch"] += rows
     result["total_seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "throughput.md").write_text(markdown(result))
-    print(markdown(result))
+    write_outputs(result, markdown(result), Path(args.out) / "throughput")
     return result
+
+
+def write_outputs(result: dict, table: str, stem: Path) -> None:
+    """STEM.json and STEM.md (every benchmark's pair), and the table on stdout."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":
