@@ -163,6 +163,33 @@ def test_published_runs_are_taken_as_done_on_another_machine(tmp_path):
         ablations.import_published(elsewhere, tmp_path / "docs" / "ablations.json")
 
 
+def test_a_run_finished_before_the_llm_column_gets_it_on_the_next_command(tmp_path):
+    rec = Recorder()
+    rec.run(tmp_path)  # stand-in results carry no "llm"
+    asked = []
+
+    def llm(name, workdir, protocol):
+        asked.append(name)
+        return {"all": 0.55 if name.startswith("default") else 0.40, "informative": 0.6, "by_type": {}, "n": 4}
+
+    caption = _scores({"1.0": 0.2}, {"1.0": 0.2})
+    (tmp_path / "references.json").write_text(json.dumps({"short caption": {"third_party": caption,
+                                                                            "training_decoder": caption}}))
+    (tmp_path / ablations.REFERENCES_LLM).write_text(json.dumps({"short caption": {"all": 0.395}}))
+    ablations.run_families(["punctuation"], tmp_path, TOY, [0], train_fn=rec.train, eval_fn=rec.evaluate,
+                           references_fn=lambda *a: None, llm_fn=llm)
+    assert asked == ["default_steps8_seed0", "punct_steps8_seed0"] and rec.trained == ["default_steps8_seed0",
+                                                                                        "punct_steps8_seed0"]
+    table = (tmp_path / "ablations.md").read_text()
+    assert "world-LLM VQA % ↑" in table
+    assert "| 0.500 | 55.0 | 1 | — |" in table and "| 0.500 | 40.0 | 1 | -0.100 (within spread) |" in table
+    assert "| *short caption* |" in table and "| 100.0 | — | 39.5 | — | — |" in table
+    # Filled in once: the next command asks nothing.
+    ablations.run_families(["punctuation"], tmp_path, TOY, [0], train_fn=rec.train, eval_fn=rec.evaluate,
+                           references_fn=lambda *a: None, llm_fn=llm)
+    assert len(asked) == 2
+
+
 def test_the_command_names_a_bad_family():
     assert ablations.main(["--family", "colour", "--workdir", "/tmp/x"]) == 2
 
@@ -195,6 +222,7 @@ def test_the_reduced_mode_end_to_end(tmp_path, capsys):
     result = json.loads((workdir / "runs" / "punct_steps8_seed0" / "result.json").read_text())
     assert set(result["scores"]["third_party"]["report"]) == {"1.0", "3.0"}
     assert 0.0 <= result["scores"]["third_party"]["report"]["1.0"]["object"] <= 1.0
+    assert result["llm"]["n"] > 0 and 0.0 <= result["llm"]["all"] <= 1.0  # the world LLM read the texts
     table = (tmp_path / "published" / "ablations.md").read_text()
     assert "excluded (world default)" in table and "6.43 / 97.0" in table and "short caption" in table
     assert (tmp_path / "published" / "plots" / "punctuation.png").is_file()

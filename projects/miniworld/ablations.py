@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 CONFIG_FILE = HERE / "configs" / "world.py"
 SMALL_BACKBONE = "{small_backbone}"  # placeholder in a setting's arg: the prerequisite's folder
 METRICS = ("object", "colour", "shape", "occupancy", "background", "world_fid", "world_kid")
+REFERENCES_LLM = "references_llm.json"  # the caption references' world-LLM VQA (ablation_llm.caption_vqa)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +262,7 @@ def evaluate_run(run: Run, workdir: Path, protocol: Protocol, renderers: Rendere
     import numpy as np
 
     from dediffusion_jax.inference import TextEncoder
-    from projects.miniworld import evaluator, scenes
+    from projects.miniworld import ablation_llm, evaluator, scenes
 
     rundir = workdir / "runs" / run.name
     indices = np.concatenate(list(protocol.halves().values()))
@@ -273,9 +274,10 @@ def evaluate_run(run: Run, workdir: Path, protocol: Protocol, renderers: Rendere
     report = protocol.halves()["report"]
     by_index = dict(zip(indices.tolist(), texts))
     report_texts = [by_index[int(i)] for i in report]
+    llm = ablation_llm.vqa_accuracy(by_index, report, rundir / "eval" / "llm", name=evaluator.DE_DIFFUSION)
     return {"scores": {d: {h: rows[evaluator.DE_DIFFUSION] for h, rows in halves.items()}
                        for d, halves in scores.items()},
-            "text_statistics": evaluator.text_statistics(report_texts, report),
+            "llm": llm, "text_statistics": evaluator.text_statistics(report_texts, report),
             "distinct_texts": len(set(report_texts)), "texts": report_texts, "eval_wall_s": round(time.time() - start, 1)}
 
 
@@ -286,13 +288,31 @@ def evaluate_references(workdir: Path, protocol: Protocol, renderers: Renderers)
 
     path = workdir / "references.json"
     if path.is_file():
-        return json.loads(path.read_text())
-    decoder = load_decoder(HERE / "assets" / "decoder")
-    scores = evaluate_sources(evaluator.caption_sources(), decoder, protocol, renderers, workdir / "references")
-    out = {name: {d: {h: scores[d][h][name] for h in scores[d]} for d in scores}
-           for name in next(iter(next(iter(scores.values())).values()))}
-    _write_json(path, out)
+        out = json.loads(path.read_text())
+    else:
+        decoder = load_decoder(HERE / "assets" / "decoder")
+        scores = evaluate_sources(evaluator.caption_sources(), decoder, protocol, renderers, workdir / "references")
+        out = {name: {d: {h: scores[d][h][name] for h in scores[d]} for d in scores}
+               for name in next(iter(next(iter(scores.values())).values()))}
+        _write_json(path, out)
+    llm_path = workdir / REFERENCES_LLM
+    if not llm_path.is_file():
+        from projects.miniworld import ablation_llm
+
+        _write_json(llm_path, ablation_llm.caption_vqa(protocol.halves()["report"], workdir / "references" / "llm"))
     return out
+
+
+def llm_of_run(run_name: str, workdir: Path, protocol: Protocol) -> dict[str, Any] | None:
+    """The LLM column of a run finished before the column existed (None without its checkpoint)."""
+    from projects.miniworld import ablation_llm, evaluator
+
+    rundir = workdir / "runs" / run_name
+    if not (rundir / "train" / "checkpoints").is_dir():
+        return None
+    report = protocol.halves()["report"]
+    texts = ablation_llm.run_texts(rundir / "train", report)
+    return ablation_llm.vqa_accuracy(texts, report, rundir / "eval" / "llm", name=evaluator.DE_DIFFUSION)
 
 
 def ensure_small_backbone(workdir: Path, protocol: Protocol) -> Path:
@@ -350,6 +370,8 @@ def aggregate(family: Family, results: Mapping[str, Mapping[str, Any]], protocol
             "per_seed": {d: {m: [c[m] for c in per_seed[d]] for m in ("object", "world_fid")} for d in per_seed},
             "guidance": [c["guidance"] for c in per_seed["third_party"]],
             "text_recall": mean_std([results[r.name]["text_statistics"].get("recall") for r in runs]),
+            "llm_vqa": mean_std([results[r.name].get("llm", {}).get("all") for r in runs]),
+            "llm_vqa_informative": mean_std([results[r.name].get("llm", {}).get("informative") for r in runs]),
             "select_object": mean_std(select_object),
         }
     done = {k: r for k, r in rows.items() if r["third_party"]["object"]["n"]}
@@ -377,14 +399,16 @@ def _kid(row: Mapping[str, Any]) -> str:
     return "…" if row.get("world_kid") is None else f"{1e3 * row['world_kid']:.1f}"
 
 
-def family_table(agg: Mapping[str, Any], references: Mapping[str, Any] | None = None) -> str:
+def family_table(agg: Mapping[str, Any], references: Mapping[str, Any] | None = None,
+                 references_llm: Mapping[str, Any] | None = None) -> str:
     """The paper's row beside ours: third-party object accuracy and world-FID (mean ± std over seeds,
-    report half, guidance chosen on the select half), the training decoder's, text recall."""
+    report half, guidance chosen on the select half), the training decoder's, text recall, and the
+    world LLM's 0-shot VQA accuracy (%) on the texts (the paper's accuracy column; ablation_llm)."""
     lines = [f"### {agg['title']}", "",
              "| setting (world) | paper: setting, FID ↓ / 5-way acc | third-party: objects ↑ | colour | shape | "
              "background | world-FID ↓ | world-KID ×10³ ↓ | training decoder: objects ↑ | world-FID ↓ | "
-             "text recall | seeds | objects vs the paper's choice (or the default) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "text recall | world-LLM VQA % ↑ | seeds | objects vs the paper's choice (or the default) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, row in agg["rows"].items():
         t, o = row["third_party"], row["training_decoder"]
         paper = f"{row['paper'][0]}: {row['paper'][1]} / {row['paper'][2]}" if row["paper"] else "—"
@@ -395,16 +419,19 @@ def family_table(agg: Mapping[str, Any], references: Mapping[str, Any] | None = 
         lines.append(f"| {label} | {paper} | {_pm(t['object'])} | {_pm(t['colour'])} | {_pm(t['shape'])} | "
                      f"{_pm(t['background'])} | {_pm(t['world_fid'], 1)} | {_pm(t['world_kid'], 1, 1e3)} | "
                      f"{_pm(o['object'])} | {_pm(o['world_fid'], 1)} | {_pm(row['text_recall'])} | "
-                     f"{len(row['seeds'])} | {versus} |")
+                     f"{_pm(row.get('llm_vqa', {}), 1, 100)} | {len(row['seeds'])} | {versus} |")
     if references:
         for name in ("short caption", "full caption (upper ref.)"):
             if name in references:
                 t = chosen(references[name]["third_party"])
                 o = chosen(references[name]["training_decoder"])
+                llm = (references_llm or {}).get(name)
+                llm_text = "…" if llm is None else f"{100 * llm['all']:.1f}"
                 lines.append(f"| *{name}* | — | {t['object']:.3f} | {t['colour']:.3f} | {t['shape']:.3f} | "
                              f"{t['background']:.3f} | {t['world_fid']:.1f} | "
                              f"{_kid(t)} | "
-                             f"{o['object']:.3f} | {o['world_fid']:.1f} | — | — | — |")
+                             f"{o['object']:.3f} | {o['world_fid']:.1f} | — | "
+                             f"{llm_text} | — | — |")
     best = agg["best_on_select_half"]
     lines += ["", f"Paper: {agg['paper_trend']}." if agg["paper_trend"] else "",
               f"Best here (chosen on the select half, in bold): {agg['rows'][best]['label'] if best else 'none yet'}."]
@@ -455,6 +482,8 @@ def write_report(workdir: Path, protocol: Protocol, families: Sequence[str], see
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted((workdir / "runs").glob("*/result.json"))}
     references_path = workdir / "references.json"
     references = json.loads(references_path.read_text()) if references_path.is_file() else None
+    references_llm_path = workdir / REFERENCES_LLM
+    references_llm = json.loads(references_llm_path.read_text()) if references_llm_path.is_file() else None
     aggs = {name: aggregate(FAMILIES[name], results, protocol, seeds) for name in families}
     parts = [f"# Ablations in the miniature world ({workdir.name})", "",
              f"Protocol: {protocol.steps} training steps per run (unless the setting says), "
@@ -464,11 +493,12 @@ def write_report(workdir: Path, protocol: Protocol, families: Sequence[str], see
              "when it exceeds the sum of both settings' standard deviations. Runs finished: "
              f"{len(results)}.", ""]
     for name, agg in aggs.items():
-        parts += [family_table(agg, references), "",
+        parts += [family_table(agg, references, references_llm), "",
                   f"![{name}](plots/{name}.png)" if plot_family(agg, workdir / "plots" / f"{name}.png") else "", ""]
     (workdir / "ablations.md").write_text("\n".join(parts) + "\n")
     _write_json(workdir / "ablations.json", {"protocol": dataclasses.asdict(protocol), "families": aggs,
-                                             "references": references, "runs": results})
+                                             "references": references, "references_llm": references_llm,
+                                             "runs": results})
     return aggs
 
 
@@ -476,15 +506,27 @@ def write_report(workdir: Path, protocol: Protocol, families: Sequence[str], see
 # The command.
 
 
+def _add_llm_column(path: Path, run_name: str, workdir: Path, protocol: Protocol, llm_fn: Callable) -> None:
+    """Fills in the world-LLM column of a finished run that lacks it (where its checkpoint is here)."""
+    result = json.loads(path.read_text())
+    if "llm" in result:
+        return
+    llm = llm_fn(run_name, workdir, protocol)
+    if llm is not None:
+        _say(f"  {run_name}: world-LLM VQA {100 * llm['all']:.1f}% (column added to a finished run)")
+        _write_json(path, {**result, "llm": llm})
+
+
 def run_families(families: Sequence[str], workdir: Path, protocol: Protocol, seeds: Sequence[int] | None = None,
                  hours: float = 0.0, train_fn: Callable | None = None, eval_fn: Callable | None = None,
-                 references_fn: Callable | None = None) -> dict[str, Any]:
+                 references_fn: Callable | None = None, llm_fn: Callable | None = None) -> dict[str, Any]:
     """Trains and evaluates every run of `families` not yet finished, writing the report after each.
 
     Returns {"finished": [...], "skipped": [...], "stopped": reason or None}. `train_fn(run, workdir,
-    deadline)`, `eval_fn(run, workdir, protocol, renderers)` and `references_fn` default to the real
-    ones (tests pass stand-ins)."""
-    train_fn, eval_fn = train_fn or train_run, eval_fn or evaluate_run
+    deadline)`, `eval_fn(run, workdir, protocol, renderers)`, `references_fn` and `llm_fn(run name,
+    workdir, protocol)` (the LLM column of a run finished before it existed) default to the real ones
+    (tests pass stand-ins)."""
+    train_fn, eval_fn, llm_fn = train_fn or train_run, eval_fn or evaluate_run, llm_fn or llm_of_run
     references_fn = references_fn or evaluate_references
     workdir.mkdir(parents=True, exist_ok=True)
     _check_protocol(workdir, protocol)
@@ -502,6 +544,7 @@ def run_families(families: Sequence[str], workdir: Path, protocol: Protocol, see
                 rundir = workdir / "runs" / run.name
                 if (rundir / "result.json").is_file():
                     skipped.append(run.name)
+                    _add_llm_column(rundir / "result.json", run.name, workdir, protocol, llm_fn)
                     continue
                 if deadline is not None and time.time() > deadline:
                     raise Stopped(f"the --hours budget is spent before {run.name}")
@@ -628,16 +671,16 @@ def import_published(workdir: Path, published: Path) -> list[str]:
         if not path.is_file():
             _write_json(path, result)
             imported.append(name)
-    references = data.get("references")
-    if references and not (workdir / "references.json").is_file():
-        _write_json(workdir / "references.json", references)
+    for name, key in (("references.json", "references"), (REFERENCES_LLM, "references_llm")):
+        if data.get(key) and not (workdir / name).is_file():
+            _write_json(workdir / name, data[key])
     return imported
 
 
 def publish(workdir: Path, out: Path) -> None:
     """The report files (not the checkpoints) into `out`, e.g. docs/ablations for a commit."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("ablations.md", "ablations.json", "protocol.json", "references.json"):
+    for name in ("ablations.md", "ablations.json", "protocol.json", "references.json", REFERENCES_LLM):
         if (workdir / name).is_file():
             shutil.copy2(workdir / name, out / name)
     if (workdir / "plots").is_dir():
