@@ -43,6 +43,11 @@ ENTRY_POINTS = [
     (["-m", "projects.miniworld.classifier", "--help"], True),
     (["-m", "projects.miniworld.pretrain_vae", "--help"], True),
     (["-m", "projects.miniworld.third_party", "--help"], True),
+    (["-m", "bench.sampling", "--help"], True),
+    (["-m", "projects.miniworld.ablations", "--help"], True),
+    (["-m", "projects.miniworld.object_count", "--help"], True),
+    (["-m", "dediffusion_jax.fewshot", "--help"], True),
+    (["-m", "projects.miniworld.fewshot_eval", "--help"], True),
 ]
 
 
