@@ -29,6 +29,7 @@ ENTRY_POINTS = [
     (["projects/miniworld/bench/step_breakdown.py", "--help"], True),
     (["bench/throughput.py", "--help"], True),
     (["bench/vocab_head.py", "--help"], True),
+    (["bench/unet_cpu.py", "--help"], True),
     (["launch/local.py", "--help"], True),
     (["launch/slurm_gpu.py", "--help"], True),
     (["launch/tpu_pod.py", "--help"], True),

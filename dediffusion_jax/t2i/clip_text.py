@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dediffusion_jax.t2i import convert
+from dediffusion_jax.t2i.nn_blocks import heads_first, tokens_first
 
 Array = jax.Array
 Dtype = Any
@@ -131,17 +132,12 @@ class CLIPAttention(nn.Module):
         dense = lambda name: nn.Dense(  # noqa: E731
             self.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name=name
         )
-        b, l, _ = x.shape
-        split = lambda t: t.reshape(b, l, self.num_heads, head_dim)  # noqa: E731
-        q = split(dense("q_proj")(x))
-        k = split(dense("k_proj")(x))
-        v = split(dense("v_proj")(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (head_dim**-0.5)
+        q, k, v = (heads_first(dense(name)(x), self.num_heads) for name in ("q_proj", "k_proj", "v_proj"))
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * (head_dim**-0.5)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, self.hidden_size)
-        return dense("out_proj")(out)
+        return dense("out_proj")(tokens_first(jnp.einsum("bhqk,bhkd->bhqd", weights, v)))
 
 
 class CLIPMLP(nn.Module):

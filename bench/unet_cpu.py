@@ -1,0 +1,183 @@
+"""Our Flax UNet against diffusers' torch UNet on the same weights, inputs and cores (issue 21).
+
+    python -m bench.unet_cpu --preset world,sd2-small --out /tmp/unet_cpu
+    python -m bench.unet_cpu --preset tiny --repeats 3          # seconds: what CI runs
+
+Times the two things the De-Diffusion step asks of its frozen UNet: the forward, and the forward +
+gradient with respect to the text states (the encoder's signal; no weight gradients). Both sides are
+float32, torch with SDPA attention at `--torch-threads`; each figure is the median of `--repeats`
+calls after one warm-up (our compile is reported apart). The outputs are compared as a parity check.
+
+Presets (random weights, seed 0, from the configs written here):
+- world: the world decoder's UNet (projects/miniworld/assets/decoder: 32/64/128 channels, 4 heads,
+  16x16x3 pixels, 128-d text, 16 tokens) without its position-embedding extension, which diffusers
+  does not have (one addition per transformer; the same cost otherwise); batch 32.
+- sd2-small: SD2-base's layout (linear projection, heads of 64, 1024-d text states, 77 tokens) at
+  64/128/256/256 channels (36M parameters) and 32x32x4 latents; batch 8.
+- tiny: two blocks of 16/32 channels, 8x8 latents; batch 2 (CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dediffusion_jax.cli_flags import answer_help_early
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "world": {"batch": 32, "tokens": 16, "unet": {
+        "sample_size": 16, "in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64, 128],
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3, "up_block_types": ["CrossAttnUpBlock2D"] * 3,
+        "layers_per_block": 1, "attention_head_dim": 4, "cross_attention_dim": 128, "norm_num_groups": 8,
+        "addition_embed_type": "text", "addition_embed_type_num_heads": 4}},
+    "sd2-small": {"batch": 8, "tokens": 77, "unet": {
+        "sample_size": 32, "in_channels": 4, "out_channels": 4, "block_out_channels": [64, 128, 256, 256],
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2,
+        "attention_head_dim": [1, 2, 4, 4], "cross_attention_dim": 1024, "use_linear_projection": True}},
+    "tiny": {"batch": 2, "tokens": 8, "unet": {
+        "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [16, 32],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
+        "attention_head_dim": 2, "cross_attention_dim": 32, "norm_num_groups": 8}},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.unet_cpu", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("--preset", default="world,sd2-small", help=f"comma-separated: {', '.join(PRESETS)}")
+    p.add_argument("--batch", type=int, default=0, help="0: the preset's")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--torch-threads", type=int, default=0, help="0: the number of cores")
+    p.add_argument("--out", help="write unet_cpu.json and unet_cpu.md here")
+    return p
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def measure(preset: str, batch: int, repeats: int) -> dict[str, Any]:
+    """Forward and text-state gradient, ours and diffusers', with the outputs' largest difference."""
+    import diffusers
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from dediffusion_jax.t2i import convert
+    from dediffusion_jax.t2i.unet import UNet2DConditionModel, UNetConfig, dummy_inputs
+
+    spec = PRESETS[preset]
+    config = UNetConfig.from_dict(spec["unet"])
+    model = UNet2DConditionModel(config)
+    params = model.init(jax.random.key(0), *dummy_inputs(config))["params"]
+    rng = np.random.default_rng(0)
+    size = config.sample_size
+    sample = rng.standard_normal((batch, size, size, config.in_channels)).astype(np.float32)
+    steps = rng.integers(0, 1000, batch).astype(np.int32)
+    text = rng.standard_normal((batch, spec["tokens"], config.cross_attention_dim)).astype(np.float32)
+    weight = rng.standard_normal((batch, size, size, config.out_channels)).astype(np.float32)
+
+    forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
+    text_grad = jax.jit(jax.grad(lambda c, p, x, t, w: (model.apply({"params": p}, x, t, c) * w).sum()))
+    args = [jnp.asarray(a) for a in (sample, steps, text)]
+    start = time.perf_counter()
+    ours_out = np.asarray(forward(params, *args))
+    jax.block_until_ready(text_grad(args[2], params, args[0], args[1], jnp.asarray(weight)))
+    compile_s = time.perf_counter() - start
+
+    theirs = diffusers.UNet2DConditionModel.from_config(config.to_dict()).eval()
+    state = {k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_torch(params).items()}
+    theirs.load_state_dict(state, strict=True)
+    t_sample = torch.from_numpy(sample).permute(0, 3, 1, 2).contiguous()
+    t_steps, t_text = torch.from_numpy(steps).long(), torch.from_numpy(text)
+    t_weight = torch.from_numpy(weight).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        theirs_out = theirs(t_sample, t_steps, t_text).sample.permute(0, 2, 3, 1).numpy()
+
+    def torch_grad() -> None:
+        c = t_text.clone().requires_grad_(True)
+        (theirs(t_sample, t_steps, c).sample * t_weight).sum().backward()
+
+    def torch_forward() -> None:
+        with torch.no_grad():
+            theirs(t_sample, t_steps, t_text)
+
+    for p in theirs.parameters():
+        p.requires_grad_(False)  # frozen, as in the step: input gradients only
+    rows = {
+        "ours_forward_ms": _median_ms(lambda: forward(params, *args).block_until_ready(), repeats),
+        "torch_forward_ms": _median_ms(torch_forward, repeats),
+        "ours_text_grad_ms": _median_ms(lambda: text_grad(args[2], params, args[0], args[1],
+                                                           jnp.asarray(weight)).block_until_ready(), repeats),
+        "torch_text_grad_ms": _median_ms(torch_grad, repeats),
+    }
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    return {"preset": preset, "batch": batch, "params_m": round(n_params / 1e6, 2), "compile_s": round(compile_s, 1),
+            **{k: round(v, 1) for k, v in rows.items()},
+            "forward_ratio": round(rows["ours_forward_ms"] / rows["torch_forward_ms"], 2),
+            "text_grad_ratio": round(rows["ours_text_grad_ms"] / rows["torch_text_grad_ms"], 2),
+            "max_abs_diff": float(np.abs(ours_out - theirs_out).max())}
+
+
+def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    head = (f"CPU, {env['cores']} cores, torch threads {env['torch_threads']}, jax {env['jax']}, torch {env['torch']}, "
+            f"{env['date']}; median of {env['repeats']} calls\n\n| preset | batch | params (M) | forward ours / torch ms "
+            "| ratio | forward + text gradient ours / torch ms | ratio | outputs max diff |\n|---|---|---|---|---|---|---|---|")
+    lines = [head] + [f"| {r['preset']} | {r['batch']} | {r['params_m']} | {r['ours_forward_ms']} / {r['torch_forward_ms']} "
+                      f"| {r['forward_ratio']}x | {r['ours_text_grad_ms']} / {r['torch_text_grad_ms']} | "
+                      f"{r['text_grad_ratio']}x | {r['max_abs_diff']:.1e} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    presets = [p.strip() for p in args.preset.split(",") if p.strip()]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown or not presets:
+        print(f"error: --preset {args.preset!r}: expected some of {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
+    import jax
+    import torch
+
+    threads = args.torch_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    env = {"cores": os.cpu_count(), "torch_threads": threads, "jax": jax.__version__,
+           "torch": torch.__version__.split("+")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "repeats": args.repeats, "load_average": [round(x, 1) for x in os.getloadavg()]}
+    rows = []
+    for preset in presets:
+        rows.append(measure(preset, args.batch or PRESETS[preset]["batch"], args.repeats))
+        print(json.dumps(rows[-1]), flush=True)
+    table = markdown(rows, env)
+    print(table, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "unet_cpu.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+        (out / "unet_cpu.md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    answer_help_early(build_parser)
+    sys.exit(main())
