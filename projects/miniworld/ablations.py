@@ -14,8 +14,9 @@ Each run is evaluated with the paper's protocol on held-out scenes split in two 
 redrawn by the THIRD-PARTY model (assets/sd_world, diffusers' pipeline) and by the training decoder,
 each over a guidance sweep; the guidance is chosen on the SELECT half (object accuracy, then
 world-FID) and the numbers are reported on the REPORT half, so no reported number chose its own
-setting. The same split chooses the best setting of a family. The caption references (short, full)
-are evaluated once per workdir.
+setting. The same split chooses the best setting of a family. The world LLM reads each run's
+report-half texts (0-shot VQA, `ablation_llm`): the accuracy the paper pairs with every FID. The
+caption references (short, full) are evaluated once per workdir.
 
 Outputs (rewritten after every run): WORKDIR/ablations.json (every run's result and each family's
 aggregate: mean and spread over seeds), WORKDIR/ablations.md (a table per family in the paper's
