@@ -195,9 +195,10 @@ class Upsample2D(nn.Module):
 def heads_first(t: jax.Array, heads: int) -> jax.Array:
     """[B, L, heads * D] -> [B, heads, L, D].
 
-    Both attention matmuls then batch over leading dimensions; with the heads in the middle
-    ("bqhd,bkhd->bhqk") XLA:CPU ran the world UNet's self-attention about 3x slower (forward) and 1.5x
-    slower (forward + input gradient) at batch 32 (bench/README.md, "Attention layout").
+    Both attention matmuls then batch over leading dimensions. With the heads in the middle
+    ("bqhd,bkhd->bhqk") XLA:CPU ran the world UNet's first-level self-attention about 3x slower, and
+    the whole world UNet's forward at batch 32 took 291 ms instead of 149 (bench/README.md,
+    "Attention layout").
     """
     return jnp.swapaxes(t.reshape(*t.shape[:-1], heads, t.shape[-1] // heads), -2, -3)
 
