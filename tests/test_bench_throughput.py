@@ -3,6 +3,8 @@ on CPU and writes every field; the sd2-base preset has the published shapes and 
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ from bench import throughput
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # about 50 s on 2 cores: .ci/run's slow phase keeps the default run under 20 min
 def test_tiny_preset_runs_and_writes_json_and_markdown(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     env["JAX_PLATFORMS"] = "cpu"

@@ -148,6 +148,7 @@ def test_resuming_with_the_other_freeze_setting_is_an_error(tmp_path, capsys):
     assert "freeze_text_encoder=False" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # about 35 s of training on 2 cores: .ci/run's slow phase
 def test_a_run_with_a_frozen_text_encoder_exports_that_encoder(tmp_path):
     backbone = "projects/miniworld/assets/backbone"
     workdir, out = tmp_path / "run", tmp_path / "decoder"

@@ -58,6 +58,7 @@ def test_state_contrast_moves_nothing_before_the_swapped_word_and_something_at_i
     assert "| left -> right | 0.000 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # about 48 s on 2 cores: .ci/run's slow phase keeps the default run under 20 min
 def test_straight_through_ranks_are_ranks_of_the_encoder_vocabulary(capsys):
     decoder = load_decoder(probe.DEFAULT_DECODER)
     ranks = probe.straight_through_ranks(decoder, scenes.evaluation_indices(4), num_tokens=6, draws=1)
