@@ -3,8 +3,6 @@ on CPU and writes every field; the sd2-base preset has the published shapes and 
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import os
 import subprocess
@@ -12,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
 
 from bench import throughput
 
