@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dediffusion_jax.t2i import convert
+from dediffusion_jax.t2i.attention import dot_product_attention
 from dediffusion_jax.t2i.nn_blocks import heads_first, tokens_first
 
 Array = jax.Array
@@ -133,11 +134,8 @@ class CLIPAttention(nn.Module):
             self.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name=name
         )
         q, k, v = (heads_first(dense(name)(x), self.num_heads) for name in ("q_proj", "k_proj", "v_proj"))
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * (head_dim**-0.5)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        return dense("out_proj")(tokens_first(jnp.einsum("bhqk,bhkd->bhqd", weights, v)))
+        out = dot_product_attention(q, k, v, mask, scale=head_dim**-0.5)
+        return dense("out_proj")(tokens_first(out))
 
 
 class CLIPMLP(nn.Module):

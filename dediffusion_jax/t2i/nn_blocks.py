@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dediffusion_jax.t2i.attention import dot_product_attention
+
 Dtype = Any
 
 
@@ -230,9 +232,7 @@ class Attention(nn.Module):
         q, k, v = (heads_first(t, self.heads) for t in (q, k, v))
         if self.upcast:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits * (self.dim_head ** -0.5), axis=-1).astype(self.dtype)
-        out = tokens_first(jnp.einsum("bhqk,bhkd->bhqd", probs, v))
+        out = tokens_first(dot_product_attention(q, k, v, scale=self.dim_head ** -0.5))
         return dense(x.shape[-1], self.dtype, name="to_out_0")(out)
 
 

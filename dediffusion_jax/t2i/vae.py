@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dediffusion_jax.t2i.attention import dot_product_attention
+
 SUPPORTED_DOWN_BLOCKS = ("DownEncoderBlock2D",)
 SUPPORTED_UP_BLOCKS = ("UpDecoderBlock2D",)
 SUPPORTED_ACTIVATIONS = ("silu", "swish")  # the same function; the port hard-codes nn.silu
@@ -169,10 +171,8 @@ class VAEAttention(nn.Module):
         )(x).reshape(b, hgt * wid, c)
         dense = lambda name: nn.Dense(self.channels, dtype=self.dtype, name=name)  # noqa: E731
         q, k, v = dense("to_q")(h), dense("to_k")(h), dense("to_v")(h)
-        # Softmax in float32 (diffusers: upcast_softmax=True) so a bf16 compute dtype stays stable.
-        logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) / math.sqrt(c)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        h = jnp.einsum("bqk,bkc->bqc", weights, v)
+        # One head; softmax in float32 (diffusers: upcast_softmax=True) so bf16 compute stays stable.
+        h = dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1 / math.sqrt(c))[:, 0]
         # `to_out` is a ModuleList [Linear, Dropout] in torch; the Linear is `to_out.0`.
         h = nn.Dense(self.channels, dtype=self.dtype, name="to_out_0")(h)
         return x + h.reshape(b, hgt, wid, c)
