@@ -1,11 +1,16 @@
 """Where a world train step's time goes on this machine: data, the whole step, and its parts.
 
     python projects/miniworld/bench/step_breakdown.py [--config-arg ARG] [--iters 30]
+    python projects/miniworld/bench/step_breakdown.py --devices 8 --iters 20   # the sharded step only
 
 Times (median of --iters, after a warm-up): the host data pipeline alone (next batch), the jitted
 train step on a fixed batch, and inside it the encoder forward (images -> text states), the frozen
 UNet forward, and the UNet forward + backward to its text states (what the encoder's gradient costs).
 The step's budget is what the 15-minute demo can afford (docs/miniworld.md, "The demo").
+
+`--devices N` times the trainer's own sharded step instead (`step.compile_step` on a data-parallel mesh
+of N fake CPU devices, state and frozen weights placed as the trainer places them, the same global
+batch): run it with 1 and with 8 to see what the fake mesh costs (issue 21; bench/README.md).
 """
 
 from __future__ import annotations
@@ -39,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config-arg", default="")
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--devices", type=int, default=0,
+                   help="time only the trainer's sharded step on this many (fake CPU) devices")
     args = p.parse_args(argv)
+    if args.devices:
+        if "jax" in sys.modules:
+            raise SystemExit("--devices must be set before JAX is imported (run this file as a command)")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.devices}").strip()
+        return sharded_step(args.config_arg, args.iters)
     # Heavy imports after the arguments: `--help` starts nothing.
     import jax
     import jax.numpy as jnp
@@ -89,6 +102,48 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  UNet: {n_params / 1e6:.2f}M parameters, {unet_gflop:.1f} GFLOP per forward (XLA's count), "
           f"{unet_gflop / results['UNet forward']:.1f} GFLOP/s")
     print(f"  => {1.0 / results['train step (jit, fixed batch)']:.2f} steps/s without the data pipeline")
+    return 0
+
+
+def sharded_step(config_arg: str, iters: int) -> int:
+    """The trainer's AOT-compiled, donated step on a data-parallel mesh of every device."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from dediffusion_jax.parallel import sharding as sharding_lib
+    from dediffusion_jax.parallel.mesh import batch_shard_count, make_mesh
+    from dediffusion_jax.train import step as step_lib
+    from dediffusion_jax.train.loop import build_parts, device_fields, load_decoder_for, make_data
+
+    config = load_config_file(str(CONFIG_FILE) + (f":{config_arg}" if config_arg else ""))
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    decoder = load_decoder_for(config)
+    parts = build_parts(config, decoder)
+    key = jax.random.key(0)
+    state = jax.jit(parts.init_state)(key, parts.state_backbone_arg)
+    state_sh = step_lib.state_shardings_for(state, mesh, sharding_lib.ENCODER_RULES)
+    state = jax.device_put(state, state_sh)
+    frozen = parts.frozen_params()
+    frozen_sh = sharding_lib.tree_shardings(frozen, mesh, sharding_lib.frozen_rules(fsdp=False))
+    frozen = jax.device_put(frozen, frozen_sh)
+    batch = device_fields(next(iter(make_data(config, decoder))))
+    step_fn = step_lib.make_step_fn(dataclasses.replace(parts.model, batch_shards=batch_shard_count(mesh)),
+                                    parts.optimizer, parts.lr_fn, parts.temperature_fn)
+    compiled = step_lib.compile_step(step_fn, state, state_sh, frozen, frozen_sh, batch, mesh, key)
+    batch = jax.device_put(batch, compiled.batch_sharding)
+    times = []
+    for i in range(iters + 2):  # two warm-up steps
+        start = time.perf_counter()
+        state, metrics = compiled.step(state, frozen, batch, key)
+        jax.block_until_ready(metrics)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    b = next(iter(batch.values())).shape[0]
+    print(f"sharded train step: {jax.device_count()} {jax.devices()[0].platform} device(s), global batch {b}, "
+          f"compiled in {compiled.compile_seconds:.1f} s; median of {iters}: {np.median(times) * 1e3:.1f} ms "
+          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
     return 0
 
 
