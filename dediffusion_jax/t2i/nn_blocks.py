@@ -30,9 +30,40 @@ def group_norm(x: jax.Array, num_groups: int, eps: float, name: str) -> jax.Arra
 
     Must be called inside a compact method: the norm becomes a child of the calling module.
     """
-    norm = nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
-    return norm(x.astype(jnp.float32)).astype(x.dtype)
+    return GroupNorm(num_groups, eps, name=name)(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm on channels-last arrays, with flax's parameter names (`scale`, `bias`).
+
+    Why not `nn.GroupNorm`: it reduces [B, HW, groups, C/groups] over two non-adjacent axes, which
+    XLA:CPU runs slowly. Here the spatial axis is summed first, with the channels contiguous, and the
+    [B, C] sums are then folded into groups: on the world UNet's [32, 16, 16, 64] activations that is
+    about 1.6x faster forward and backward on 2 cores (bench/README.md, "Attention loop and GroupNorm"). The
+    variance is two-pass (mean of squared deviations), as `use_fast_variance=False`.
+    """
+
+    num_groups: int
+    epsilon: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        flat = x.reshape(x.shape[0], -1, channels)
+        per_group = channels // self.num_groups
+        count = flat.shape[1] * per_group
+
+        def group_mean(t: jax.Array) -> jax.Array:  # [B, L, C] -> [B, 1, C], each channel its group's mean
+            sums = t.sum(axis=1).reshape(-1, self.num_groups, per_group).sum(axis=-1) / count
+            return jnp.repeat(sums, per_group, axis=-1)[:, None, :]
+
+        centred = flat - group_mean(flat)
+        inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon)
+        return (centred * (inv_std * scale) + bias).reshape(x.shape)
 
 
 def layer_norm(x: jax.Array, name: str, eps: float = 1e-5) -> jax.Array:
