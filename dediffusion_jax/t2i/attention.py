@@ -2,13 +2,13 @@
 
 Why a function of its own: on XLA:CPU the plain formulation is memory-bound. It materialises the
 [B, heads, Lq, Lk] logits, a broadcast of the scale, the softmax's exponentials and their quotient,
-each several times the size of the caches, and the backward pass reads them all again. On CPU this
-module therefore loops over the batch (`jax.lax.map`), so each iteration's logits stay in cache. It
-also divides the output [.., Lq, D] by the softmax's row sums instead of dividing the
-[.., Lq, Lk] exponentials. On the world UNet's first-level self-attention (batch 32, 4 heads, 256
-tokens of 8) that made the forward 2.7x and the forward + backward 2.1x faster on 2 cores
-(bench/README.md, "Attention loop and GroupNorm"). Other backends keep the plain formulation, which their
-compilers fuse (and where a loop over the batch would serialise work).
+each several times the size of the caches, and autodiff keeps them all for the backward pass. On CPU
+this module therefore loops over the batch (`jax.lax.map`) with a checkpointed body, so each
+iteration's logits stay in cache and the backward recomputes them per example (as flash attention
+does per block); it also divides the [.., Lq, D] output by the softmax's row sums instead of the
+[.., Lq, Lk] exponentials. What that buys on the world UNet and an SD2-shaped one is measured in
+bench/README.md ("Attention loop and GroupNorm"). Other backends keep the plain formulation, which
+their compilers fuse (and where a loop over the batch would serialise work).
 
 Numerics are the same up to float rounding (max |diff| ~1e-6 in float32): logits and softmax in
 float32, the probabilities cast to the value dtype before the second matmul, as before.

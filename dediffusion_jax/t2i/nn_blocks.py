@@ -38,9 +38,9 @@ class GroupNorm(nn.Module):
 
     Why not `nn.GroupNorm`: it reduces [B, HW, groups, C/groups] over two non-adjacent axes, which
     XLA:CPU runs slowly. Here the spatial axis is summed first, with the channels contiguous, and the
-    [B, C] sums are then folded into groups: on the world UNet's [32, 16, 16, 64] activations that is
-    about 1.6x faster forward and backward on 2 cores (bench/README.md, "Attention loop and GroupNorm"). The
-    variance is two-pass (mean of squared deviations), as `use_fast_variance=False`.
+    [B, C] sums are then folded into groups, which XLA:CPU runs faster (bench/README.md, "Attention
+    loop and GroupNorm"). The variance is two-pass (mean of squared deviations), as flax's
+    `use_fast_variance=False`.
     """
 
     num_groups: int
