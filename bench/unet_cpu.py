@@ -7,6 +7,7 @@ Times the two things the De-Diffusion step asks of its frozen UNet: the forward,
 gradient with respect to the text states (the encoder's signal; no weight gradients). Both sides are
 float32, torch with SDPA attention at `--torch-threads`; each figure is the median of `--repeats`
 calls after one warm-up (our compile is reported apart). The outputs are compared as a parity check.
+`DEDIFFUSION_ATTENTION=plain` times our attention without the CPU loop (t2i/attention.py).
 
 Presets (random weights, seed 0, from the configs written here):
 - world: the world decoder's UNet (projects/miniworld/assets/decoder: 32/64/128 channels, 4 heads,
@@ -141,7 +142,8 @@ def measure(preset: str, batch: int, repeats: int) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     head = (f"CPU, {env['cores']} cores, torch threads {env['torch_threads']}, jax {env['jax']}, torch {env['torch']}, "
-            f"{env['date']}; median of {env['repeats']} calls\n\n| preset | batch | params (M) | forward ours / torch ms "
+            f"{env['date']}; our attention {env['attention']}; median of {env['repeats']} calls\n\n"
+            "| preset | batch | params (M) | forward ours / torch ms "
             "| ratio | forward + text gradient ours / torch ms | ratio | outputs max diff |\n|---|---|---|---|---|---|---|---|")
     lines = [head] + [f"| {r['preset']} | {r['batch']} | {r['params_m']} | {r['ours_forward_ms']} / {r['torch_forward_ms']} "
                       f"| {r['forward_ratio']}x | {r['ours_text_grad_ms']} / {r['torch_text_grad_ms']} | "
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     env = {"cores": os.cpu_count(), "torch_threads": threads, "jax": jax.__version__,
            "torch": torch.__version__.split("+")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "repeats": args.repeats, "load_average": [round(x, 1) for x in os.getloadavg()]}
+           "repeats": args.repeats, "load_average": [round(x, 1) for x in os.getloadavg()],
+           "attention": os.environ.get("DEDIFFUSION_ATTENTION", "auto")}
     rows = []
     for preset in presets:
         rows.append(measure(preset, args.batch or PRESETS[preset]["batch"], args.repeats))
