@@ -87,7 +87,8 @@ def test_batch_sharded_loop_equals_one_device_and_gathers_nothing():
 
 
 def _both(monkeypatch, fn):
-    """fn() with the plain formulation, then with the loop at one example per iteration."""
+    """fn() with the plain formulation, then with the loop at one example per iteration (fn jits a
+    fresh function each call, so each traces with the implementation set at that moment)."""
     monkeypatch.setenv("DEDIFFUSION_ATTENTION", "plain")
     assert "scan" not in str(jax.make_jaxpr(lambda: fn())())
     plain = fn()
@@ -110,7 +111,7 @@ def test_unet_with_the_loop_equals_plain(monkeypatch):
     t = jnp.array([1, 200, 500, 999])
 
     def text_grad():
-        return jax.grad(lambda c: (model.apply({"params": params}, x, t, c) ** 2).sum())(text)
+        return jax.jit(jax.grad(lambda c: (model.apply({"params": params}, x, t, c) ** 2).sum()))(text)
 
     plain, loop = _both(monkeypatch, text_grad)
     np.testing.assert_allclose(loop, plain, atol=1e-5, rtol=1e-4)
@@ -123,7 +124,8 @@ def test_clip_text_with_the_loop_equals_plain(monkeypatch):
     model = clip_text.CLIPTextModel(config)
     params = model.init(jax.random.key(0), *clip_text.dummy_inputs(config))["params"]
     ids = jax.random.randint(jax.random.key(1), (4, 16), 0, 99)
-    plain, loop = _both(monkeypatch, lambda: model.apply({"params": params}, ids).last_hidden_state)
+    apply = lambda i: model.apply({"params": params}, i).last_hidden_state  # noqa: E731
+    plain, loop = _both(monkeypatch, lambda: jax.jit(lambda i: apply(i))(ids))
     np.testing.assert_allclose(loop, plain, atol=1e-5, rtol=1e-4)
 
 
@@ -132,5 +134,6 @@ def test_vae_with_the_loop_equals_plain(monkeypatch):
     model = vae.AutoencoderKL(config)
     params = model.init(jax.random.key(0), *vae.dummy_inputs(config))["params"]
     z = jax.random.normal(jax.random.key(1), (4, 8, 8, 4))
-    plain, loop = _both(monkeypatch, lambda: model.apply({"params": params}, z, method=model.decode))
+    decode = lambda z: model.apply({"params": params}, z, method=model.decode)  # noqa: E731
+    plain, loop = _both(monkeypatch, lambda: jax.jit(lambda z: decode(z))(z))
     np.testing.assert_allclose(loop, plain, atol=1e-5, rtol=1e-4)

@@ -98,6 +98,7 @@ def test_the_evaluator_type_is_registered_and_built_from_config():
         evaluators.build_evaluators(ml_collections.ConfigDict({"evals": {"w": {"type": "nope"}}}))
 
 
+@pytest.mark.slow  # ~30-70 s on 2 cores: .ci/run's slow phase keeps the default run under 20 min
 def test_the_world_evaluator_runs_inside_training(tmp_path):
     """config.evals -> the trainer runs miniworld.reconstruction at the end; its scalars reach
     metrics.jsonl and its protocol workdir sits under WORKDIR/eval/NAME/step_N."""

@@ -72,6 +72,7 @@ def test_token_mixing_blends_only_world_words_and_is_off_at_zero():
     assert not pretrain_decoder.token_mixing_for_step(0, 7, ids, 0.0, tok)[1].any()
 
 
+@pytest.mark.slow  # ~30-70 s on 2 cores: .ci/run's slow phase keeps the default run under 20 min
 def test_a_fine_tune_starts_from_the_folder_and_unmixed_embeddings_equal_the_ids_path(tmp_path):
     import argparse
 

@@ -70,6 +70,7 @@ def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
     return {"backbone": images, "decoder": images}
 
 
+@pytest.mark.slow  # ~30-70 s on 2 cores: .ci/run's slow phase keeps the default run under 20 min
 def test_gradient_reaches_pooler_and_head_through_the_embedding_matrix(built):
     model, params, frozen = built
     batch = make_batch()
