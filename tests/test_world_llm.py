@@ -63,6 +63,20 @@ def test_recipe_2_names_episodes_by_copying_and_logs_each_task(tmp_path):
     assert json.loads((workdir / "out" / "TRAINING.json").read_text())["recipe"] == 2
 
 
+def test_recipe_3_copy_episodes_repeat_a_supports_description_word_for_word():
+    """Recipe 3's first naming phase: each query line is a support's line, name included."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        text, spans = llm.classify_example(rng, copy=True)
+        lines = text.split(prompts.SHOT_SEPARATOR)
+        support, queries = lines[:-len(spans)], lines[-len(spans):]
+        assert len(spans) == llm.QUERIES
+        bare = {line.split("Context:", 1)[1] for line in support}
+        assert all(q.split("Context:", 1)[1] in bare for q in queries)
+    phases = llm.DEFAULTS[3]  # look-ups, then copying, then naming other scenes, then the mix
+    assert phases["lookup_steps"] < phases["simple_steps"] < phases["steps"]
+
+
 def _run(tmp_path, name, *extra):
     workdir = tmp_path / name
     argv = ["--workdir", str(workdir), "--out", str(workdir / "out"), "--steps", "4", "--batch", "2",

@@ -23,7 +23,10 @@ not adopted): a curriculum of `--lookup-steps` one-line VQA
 steps on full / shuffled captions, question types weighted toward the look-ups that need an induction
 head (shape, presence), then up to `--simple-steps` half such lines, half 2/3-way naming episodes on
 such captions; then the mix: `--naming-share` N-way K-shot naming episodes (2/3/5-way, 4 answered
-queries), the rest k-shot VQA. At lr 3e-3 two recipe-1 runs stayed at the prior's loss for 400+ steps
+queries), the rest k-shot VQA. Recipe 3 (docs/fewshot.md, "Recipe 3": the look-ups learned, copying
+never formed; not adopted): `--lookup-steps` one-line VQA steps with uniformly drawn question types,
+then naming episodes whose queries repeat a support's description word for word, then other scenes of
+a support's kind, then recipe 2's mix. At lr 3e-3 two recipe-1 runs stayed at the prior's loss for 400+ steps
 with answers that did not depend on the context; lr 1e-3 learned. The batch of step s is a pure
 function of (seed, s), and the workdir keeps a safetensors checkpoint (weights, Adam moments, step),
 so a run stopped at any point resumes to the same weights.
@@ -57,10 +60,13 @@ QUERIES = 4  # answered queries per classification text
 # look-ups that need an induction head (shape: the word after the colour; presence) drawn more often.
 LOOKUP_WEIGHTS = (0.2, 0.25, 0.15, 0.05, 0.05, 0.3)
 QUERIES_V1 = 3
-RECIPES = (1, 2)  # 1: the committed model's (the decoder's caption mix, 25% naming, 3 queries, a
-# VQA-only curriculum, 1,600 steps); 2: CONTEXT_MIX, a look-up phase, a naming curriculum, 50% naming
+RECIPES = (1, 2, 3)  # 1: the committed model's (the decoder's caption mix, 25% naming, 3 queries, a
+# VQA-only curriculum, 1,600 steps); 2: CONTEXT_MIX, a look-up phase, a naming curriculum, 50% naming;
+# 3: recipe 2 with a longer look-up phase of uniformly drawn question types, then naming by copying
+# (each query is a support's own scene and description) before naming other scenes of a support's kind
 DEFAULTS = {1: {"steps": 1600, "simple_steps": 500, "lookup_steps": 0, "naming_share": 0.25},
-            2: {"steps": 3000, "simple_steps": 1200, "lookup_steps": 700, "naming_share": 0.5}}
+            2: {"steps": 3000, "simple_steps": 1200, "lookup_steps": 700, "naming_share": 0.5},
+            3: {"steps": 3600, "simple_steps": 2800, "lookup_steps": 1200, "naming_share": 0.5}}
 MICRO = 2  # micro-batches per step, grouped by length (less padding)
 
 
@@ -70,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_DIR), help="where the trained model folder is written")
     p.add_argument("--recipe", type=int, choices=RECIPES, default=1,
                    help="1: the committed model's training (default); 2: the naming / look-up curriculum "
-                        "(docs/fewshot.md: measured worse on the tune half)")
-    p.add_argument("--steps", type=int, default=None, help="default: 1600 (recipe 1), 3000 (recipe 2)")
+                        "(docs/fewshot.md: measured worse on the tune half); 3: a uniform look-up phase, "
+                        "then naming by copying, then naming (docs/fewshot.md)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="default: 1600 (recipe 1), 3000 (recipe 2), 3600 (recipe 3)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3,
                    help="peak learning rate (3e-3 collapsed attention: the answers stopped depending on the context)")
@@ -151,11 +159,19 @@ def vqa_example(rng: np.random.Generator, recipe: int = 2) -> tuple[str, list[tu
     return _join(lines, range(len(lines)))
 
 
-def classify_example(rng: np.random.Generator, simple: bool = False) -> tuple[str, list[tuple[int, int]]]:
+def classify_example(rng: np.random.Generator, simple: bool = False,
+                     copy: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """An open-ended N-way K-shot naming of scene kinds (task induction once, at the start, half the
     time), then QUERIES answered queries; the loss reads the queries' answers. The names are drawn
     per episode (`support.episode`), so only copying the matching support's name lowers the loss.
-    `simple`: the curriculum's 2/3-way 1-shot episodes on clean captions, two queries."""
+    `simple`: the curriculum's 2/3-way 1-shot episodes on clean captions, two queries. `copy`
+    (recipe 3's first naming phase): 2/3/5-way 1-shot episodes on clean captions whose queries repeat
+    a support's scene and description word for word, so matching is plain copying."""
+    if copy:
+        ways, shots, n_queries = int(rng.choice([2, 3, 5])), 1, QUERIES
+        described: dict[int, str] = {}
+        return _naming_text(rng, ways, shots, n_queries,
+                            lambda i: described.setdefault(i, _context(i, rng, True)), copy=True)
     if simple:
         ways, shots, n_queries = int(rng.choice([2, 3])), 1, 2
     else:
@@ -165,9 +181,10 @@ def classify_example(rng: np.random.Generator, simple: bool = False) -> tuple[st
 
 
 def _naming_text(rng: np.random.Generator, ways: int, shots: int, n_queries: int,
-                 context: Any) -> tuple[str, list[tuple[int, int]]]:
+                 context: Any, copy: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """The episode of a random train query, then `n_queries` answered queries (`context(i)`: a
-    scene's description); shared by both recipes (the same draws in the same order)."""
+    scene's description); shared by every recipe (the same draws in the same order). `copy`: the
+    queries are support scenes themselves."""
     from dediffusion_jax.fewshot import prompts, support
     from projects.miniworld import fewshot_tasks, scenes
 
@@ -177,6 +194,12 @@ def _naming_text(rng: np.random.Generator, ways: int, shots: int, n_queries: int
                          seed=int(rng.integers(2**31)), key="train")
     names = ep.names if rng.random() < 0.5 else None
     name_of = {fewshot_tasks.scene_kind(scenes.scene_from_index(int(i))): n for i, n in ep.support}
+    if copy:
+        queries = [ep.support[int(rng.integers(len(ep.support)))] for _ in range(n_queries)]
+        items = [(int(i), n) for i, n in ep.support] + [(int(i), n) for i, n in queries]
+        lines = [(prompts.classify_line(context(i), None, names if j == 0 else None),
+                  f" {n}{prompts.CLASS_END}") for j, (i, n) in enumerate(items)]
+        return _join(lines, range(len(ep.support), len(lines)))
     queries = [(query, ep.answer)]
     for _ in range(n_queries - 1):  # more answered queries of the episode's classes: more signal per text
         kind = sorted(name_of)[int(rng.integers(len(name_of)))]
@@ -203,30 +226,34 @@ def _join(lines: list[tuple[str, str]], scored: Any) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def simple_example(rng: np.random.Generator, naming: bool = True) -> tuple[str, list[tuple[int, int]]]:
+def simple_example(rng: np.random.Generator, naming: bool = True, copy: bool = False,
+                   weights: tuple[float, ...] | None = LOOKUP_WEIGHTS) -> tuple[str, list[tuple[int, int]]]:
     """The curriculum's texts: one VQA line whose context is the full caption (70%) or its segments
     shuffled (30%), question types drawn with LOOKUP_WEIGHTS: every answer is in the context, so the
     look-up is all there is to learn; with `naming`, half are 2/3-way 1-shot naming episodes on such
-    captions (copying the matching support's name)."""
+    captions (copying the matching support's name; `copy`: recipe 3's copy episodes).
+    `weights`: the question types' (None: uniform)."""
     from dediffusion_jax.fewshot import prompts
     from projects.miniworld import fewshot_tasks, scenes
 
     if naming and rng.random() < 0.5:
-        return classify_example(rng, simple=True)
+        return classify_example(rng, simple=not copy, copy=copy)
     index = _train_scene(rng)
-    _, q, a = fewshot_tasks.random_question(scenes.scene_from_index(index), rng, LOOKUP_WEIGHTS)
+    _, q, a = fewshot_tasks.random_question(scenes.scene_from_index(index), rng, weights)
     return _join([(prompts.vqa_line(_context(index, rng, clean=True), q), f" {a}{prompts.ANSWER_END}")], [0])
 
 
 def example(rng: np.random.Generator, simple: bool = False, naming_share: float = 0.5,
-            lookup: bool = False, recipe: int = 2) -> tuple[str, list[tuple[int, int]]]:
+            lookup: bool = False, recipe: int = 2, copy: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """One training text: VQA or (`naming_share`) classification; `simple`: the curriculum's kind
-    (`lookup`: its first phase, VQA only). Recipe 1: 75% VQA, 25% classification, exactly as the
-    committed model was trained."""
+    (`lookup`: its first phase, VQA only; `copy`, recipe 3: its copying phase). Recipe 1: 75% VQA,
+    25% classification, exactly as the committed model was trained."""
     if recipe == 1:
         if simple:
             return _simple_example_v1(rng)
         return vqa_example(rng, recipe=1) if rng.random() < 0.75 else _classify_example_v1(rng)
+    if recipe == 3 and (simple or lookup):
+        return simple_example(rng, naming=not lookup, copy=copy, weights=None)
     if simple or lookup:
         return simple_example(rng, naming=not lookup)
     return classify_example(rng) if rng.random() < naming_share else vqa_example(rng)
@@ -314,7 +341,8 @@ def batch_of_step(tokenizer: Any, seed: int, step: int, batch: int, simple_steps
     """The batch of a step, a pure function of (seed, step), as MICRO micro-batches of similar
     lengths (each padded to its own longest text); the first `simple_steps` steps are the curriculum's."""
     rng = np.random.default_rng([seed, step])
-    examples = sorted((example(rng, step < simple_steps, naming_share, step < lookup_steps, recipe)
+    copy = recipe == 3 and step < (lookup_steps + simple_steps) // 2  # recipe 3: the first half of naming
+    examples = sorted((example(rng, step < simple_steps, naming_share, step < lookup_steps, recipe, copy)
                        for _ in range(batch)),
                       key=lambda e: len(e[0]))
     size = -(-batch // MICRO)
