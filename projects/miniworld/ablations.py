@@ -117,7 +117,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("length", "Training length", (
         Setting("half", "0.5x", steps=-0.5),
         Setting("default", "1x (the demo's)"),
-        Setting("x4", "4x", steps=-4)),
+        Setting("x4", "4x", steps=-4),
+        Setting("x8", "8x", steps=-8)),
         paper_trend="no such ablation (it trains 300K steps for the ablations, 500K for the headline); here: "
                     "how far the text gets from the short caption towards the full caption with compute"),
 )}
