@@ -114,6 +114,22 @@ def test_the_tables_and_plots_are_written_from_stored_results(tmp_path):
     assert set(stored["runs"]) == {f"tokens{t}_steps8_seed{s}" for t in (2, 4) for s in range(3)}
 
 
+def test_a_command_for_one_family_and_one_seed_keeps_the_whole_table(tmp_path):
+    """Adding a seed of one family (`--family tokens --seeds 2`) rewrites the report: the other
+    families and the family's other seeds stay in it."""
+    for seed in (0, 1, 2):
+        _store(tmp_path, f"tokens2_steps8_seed{seed}", "tokens2", seed, 0.5, 0.30 + 0.01 * seed)
+    for seed in (0, 1):
+        _store(tmp_path, f"punct_steps8_seed{seed}", "punct", seed, 0.5, 0.4)
+    aggs = ablations.write_report(tmp_path, TOY, ["tokens"], [2])
+    assert list(aggs) == ["punctuation", "tokens"]  # in the runner's order
+    assert aggs["tokens"]["rows"]["tokens2"]["seeds"] == [0, 1, 2]
+    assert aggs["tokens"]["rows"]["tokens2"]["third_party"]["object"]["mean"] == pytest.approx(0.31)
+    assert aggs["punctuation"]["rows"]["punct"]["seeds"] == [0, 1]
+    table = (tmp_path / "ablations.md").read_text()
+    assert "### Punctuation" in table and "### Number of tokens" in table
+
+
 def test_a_difference_is_called_beyond_the_spread_only_when_it_is():
     results = {}
     for seed, (a, b) in enumerate([(0.30, 0.40), (0.32, 0.42)]):

@@ -479,14 +479,30 @@ def plot_family(agg: Mapping[str, Any], path: Path) -> Path | None:
     return path
 
 
+def report_families(families: Sequence[str], results: Mapping[str, Any], protocol: Protocol) -> list[str]:
+    """The command's families and every other family with a stored run, in ORDER: a command that runs
+    one family (`--family length`) must not drop the others from the published table."""
+    seeds = sorted({int(name.rsplit("_seed", 1)[1]) for name in results if name.rsplit("_seed", 1)[-1].isdigit()})
+
+    def stored(name: str) -> bool:
+        return any(run.name in results for run in runs_of(FAMILIES[name], seeds or None, protocol))
+
+    return [name for name in ORDER if name in families or stored(name)]
+
+
 def write_report(workdir: Path, protocol: Protocol, families: Sequence[str], seeds: Sequence[int] | None) -> dict:
-    """ablations.json, ablations.md and plots/ from the stored results alone (no training)."""
+    """ablations.json, ablations.md and plots/ from the stored results alone (no training).
+
+    Every family with a stored run is reported (not only `families`), each over its own seeds plus
+    `seeds`: running `--seeds 1` to add a seed keeps seed 0 in the table."""
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted((workdir / "runs").glob("*/result.json"))}
+    families = report_families(families, results, protocol)
     references_path = workdir / "references.json"
     references = json.loads(references_path.read_text()) if references_path.is_file() else None
     references_llm_path = workdir / REFERENCES_LLM
     references_llm = json.loads(references_llm_path.read_text()) if references_llm_path.is_file() else None
-    aggs = {name: aggregate(FAMILIES[name], results, protocol, seeds) for name in families}
+    aggs = {name: aggregate(FAMILIES[name], results, protocol, sorted(set(FAMILIES[name].seeds) | set(seeds or ())))
+            for name in families}
     parts = [f"# Ablations in the miniature world ({workdir.name})", "",
              f"Protocol: {protocol.steps} training steps per run (unless the setting says), "
              f"{protocol.scenes} held-out scenes in two halves, DDIM {protocol.ddim_steps}; third-party guidance "
