@@ -77,6 +77,37 @@ def test_recipe_3_copy_episodes_repeat_a_supports_description_word_for_word():
     assert phases["lookup_steps"] < phases["simple_steps"] < phases["steps"]
 
 
+def test_recipe_4_starts_naming_from_the_kinds_object_words_and_replays_vqa(tmp_path):
+    """Recipe 4's first phase: a query's context is the object words of its kind, the same words as
+    the support that carries its name; later phases add full captions and the context mix; a share
+    of every step is recipe 1's VQA. It starts from a trained model (--init), which it requires."""
+    rng = np.random.default_rng(4)
+    naming = 0
+    for _ in range(60):
+        text, spans = llm.example(rng, simple=True, lookup=True, naming_share=0.75, recipe=4)
+        if not llm.is_naming(text):
+            assert text.startswith(prompts.VQA_INSTRUCTION)
+            continue
+        naming += 1
+        lines = text.split(prompts.SHOT_SEPARATOR)
+        context_of = {}
+        for line in lines[:-len(spans)]:
+            context, name = line.split("Context: ", 1)[1].rsplit(" Classification: ", 1)
+            context_of[name.rstrip(".")] = context
+            assert set(context.replace(",", " ").split()) <= set(scenes.COLOURS + scenes.SHAPES)
+        for line in lines[-len(spans):]:
+            context, name = line.split("Context: ", 1)[1].rsplit(" Classification: ", 1)
+            assert context_of[name.rstrip(".")] == context
+    assert 30 <= naming <= 55
+    later = [llm.example(rng, naming_share=1.0, recipe=4)[0] for _ in range(20)]
+    assert any(captions.BACKGROUND_WORD in t for t in later)   # full captions and the mix
+    assert llm.main(["--workdir", str(tmp_path / "no_init"), "--recipe", "4"]) == 2   # --init is required
+    workdir = _run(tmp_path, "r4", "--recipe", "4", "--init", str(llm.DEFAULT_DIR), "--lookup-steps", "1",
+                   "--simple-steps", "2")
+    record = json.loads((workdir / "out" / "TRAINING.json").read_text())
+    assert record["recipe"] == 4 and record["init"] == str(llm.DEFAULT_DIR) and record["lm_weight"] == 0.0
+
+
 def _run(tmp_path, name, *extra):
     workdir = tmp_path / name
     argv = ["--workdir", str(workdir), "--out", str(workdir / "out"), "--steps", "4", "--batch", "2",

@@ -60,13 +60,19 @@ QUERIES = 4  # answered queries per classification text
 # look-ups that need an induction head (shape: the word after the colour; presence) drawn more often.
 LOOKUP_WEIGHTS = (0.2, 0.25, 0.15, 0.05, 0.05, 0.3)
 QUERIES_V1 = 3
-RECIPES = (1, 2, 3)  # 1: the committed model's (the decoder's caption mix, 25% naming, 3 queries, a
+RECIPES = (1, 2, 3, 4)  # 1: the committed model's (the decoder's caption mix, 25% naming, 3 queries, a
 # VQA-only curriculum, 1,600 steps); 2: CONTEXT_MIX, a look-up phase, a naming curriculum, 50% naming;
 # 3: recipe 2 with a longer look-up phase of uniformly drawn question types, then naming by copying
-# (each query is a support's own scene and description) before naming other scenes of a support's kind
-DEFAULTS = {1: {"steps": 1600, "simple_steps": 500, "lookup_steps": 0, "naming_share": 0.25},
-            2: {"steps": 3000, "simple_steps": 1200, "lookup_steps": 700, "naming_share": 0.5},
-            3: {"steps": 3600, "simple_steps": 2800, "lookup_steps": 1200, "naming_share": 0.5}}
+# (each query is a support's own scene and description) before naming other scenes of a support's kind;
+# 4: naming from a trained model (`--init`): contexts that grow from the scene kind's object words alone
+# to the full context mix, beside a replay of recipe 1's VQA texts
+DEFAULTS = {1: {"steps": 1600, "simple_steps": 500, "lookup_steps": 0, "naming_share": 0.25, "lm_weight": 0.5},
+            2: {"steps": 3000, "simple_steps": 1200, "lookup_steps": 700, "naming_share": 0.5, "lm_weight": 0.5},
+            3: {"steps": 3600, "simple_steps": 2800, "lookup_steps": 1200, "naming_share": 0.5, "lm_weight": 0.5},
+            4: {"steps": 4000, "simple_steps": 2000, "lookup_steps": 1000, "naming_share": 0.75, "lm_weight": 0.0}}
+# Recipe 4's naming contexts per phase: (object words of the kind, sorted; object words shuffled;
+# full caption, segments shuffled 30%; CONTEXT_MIX)
+KIND_PHASE_MIX = {"kind": (1.0, 0.0, 0.0, 0.0), "objects": (1 / 3, 1 / 3, 1 / 3, 0.0), "all": (0.2, 0.0, 0.4, 0.4)}
 MICRO = 2  # micro-batches per step, grouped by length (less padding)
 
 
@@ -77,24 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=int, choices=RECIPES, default=1,
                    help="1: the committed model's training (default); 2: the naming / look-up curriculum "
                         "(docs/fewshot.md: measured worse on the tune half); 3: a uniform look-up phase, "
-                        "then naming by copying, then naming (docs/fewshot.md)")
+                        "then naming by copying, then naming (docs/fewshot.md); 4: naming learned from a "
+                        "trained model (--init) on contexts that grow from the kind's object words to the "
+                        "full mix, with recipe 1's VQA replayed (docs/fewshot.md, 'Recipe 4')")
     p.add_argument("--steps", type=int, default=None,
-                   help="default: 1600 (recipe 1), 3000 (recipe 2), 3600 (recipe 3)")
+                   help="default: 1600 (recipe 1), 3000 (recipe 2), 3600 (recipe 3), 4000 (recipe 4)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3,
                    help="peak learning rate (3e-3 collapsed attention: the answers stopped depending on the context)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lookup-steps", type=int, default=None,
                    help="recipe 2, curriculum phase 1: the first N steps are one-line VQA on full / shuffled "
-                        "captions (default 700)")
+                        "captions (default 700); recipe 4: the naming contexts are the kind's object words "
+                        "alone for the first N steps (default 1000)")
     p.add_argument("--simple-steps", type=int, default=None,
                    help="curriculum: the first N steps are one-line VQA on full / shuffled captions (recipe 1, "
-                        "default 500); recipe 2 (default 1200): half such lines, half 2/3-way naming")
+                        "default 500); recipe 2 (default 1200): half such lines, half 2/3-way naming; "
+                        "recipe 4 (default 2000): until step N a third each of object words sorted, "
+                        "shuffled, and full captions; then KIND_PHASE_MIX['all']")
     p.add_argument("--naming-share", type=float, default=None,
                    help="recipe 2: share of N-way K-shot naming texts after the curriculum (default 0.5; "
-                        "recipe 1: 0.25)")
-    p.add_argument("--lm-weight", type=float, default=0.5,
-                   help="weight of the next-token loss on the non-answer text (the answers weigh 1)")
+                        "recipe 1: 0.25; recipe 4: 0.75 of every step, the rest recipe 1's VQA texts)")
+    p.add_argument("--lm-weight", type=float, default=None,
+                   help="weight of the next-token loss on the non-answer text (the answers weigh 1; "
+                        "default 0.5, recipe 4: 0)")
+    p.add_argument("--init", default=None,
+                   help="recipe 4: the model folder to start from, its tokenizer included (the committed "
+                        "world LLM, projects/miniworld/assets/llm)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared 2-core machine 2 threads ran 10x slower)")
     p.add_argument("--save-every", type=int, default=100)
@@ -132,6 +147,22 @@ def _context(index: int, rng: np.random.Generator, clean: bool = False, recipe: 
         text = captions.training_caption(scene, rng)
         if text and text != captions.full_caption(scene):
             return text
+
+
+def _kind_phase_context(index: int, rng: np.random.Generator, phase: str) -> str:
+    """Recipe 4's naming context in `phase` (KIND_PHASE_MIX): the object words of the scene's kind
+    without positions or background, sorted (`blue square , red circle`: a query and its support
+    then end in the same words, the easiest match) or shuffled; the full caption; the context mix."""
+    from projects.miniworld import captions, scenes
+
+    source = int(rng.choice(4, p=KIND_PHASE_MIX[phase]))
+    if source == 2:
+        return _context(index, rng, clean=True)
+    if source == 3:
+        return _context(index, rng)
+    segs = captions.object_segments(scenes.scene_from_index(index), positions=False)
+    segs = sorted(set(segs)) if source == 0 else [segs[int(i)] for i in rng.permutation(len(segs))]
+    return captions.SEGMENT_SEP.join(segs)
 
 
 def _train_scene(rng: np.random.Generator) -> int:
@@ -247,11 +278,19 @@ def example(rng: np.random.Generator, simple: bool = False, naming_share: float 
             lookup: bool = False, recipe: int = 2, copy: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """One training text: VQA or (`naming_share`) classification; `simple`: the curriculum's kind
     (`lookup`: its first phase, VQA only; `copy`, recipe 3: its copying phase). Recipe 1: 75% VQA,
-    25% classification, exactly as the committed model was trained."""
+    25% classification, exactly as the committed model was trained. Recipe 4: `naming_share` 2/3/5-way
+    1-shot naming episodes whose contexts come from its phase (`lookup`: the kind's object words,
+    `simple`: KIND_PHASE_MIX['objects'], else ['all']), the rest recipe 1's VQA texts."""
     if recipe == 1:
         if simple:
             return _simple_example_v1(rng)
         return vqa_example(rng, recipe=1) if rng.random() < 0.75 else _classify_example_v1(rng)
+    if recipe == 4:
+        if rng.random() >= naming_share:
+            return vqa_example(rng, recipe=1)
+        phase = "kind" if lookup else "objects" if simple else "all"
+        ways = int(rng.choice([2, 3, 5], p=[0.2, 0.3, 0.5]))
+        return _naming_text(rng, ways, 1, QUERIES, lambda i: _kind_phase_context(i, rng, phase))
     if recipe == 3 and (simple or lookup):
         return simple_example(rng, naming=not lookup, copy=copy, weights=None)
     if simple or lookup:
@@ -406,18 +445,26 @@ def train(args: argparse.Namespace) -> Path:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tok_dir = workdir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        build_tokenizer(args.seed, recipe=args.recipe).save_pretrained(str(tok_dir))
     from transformers import PreTrainedTokenizerFast
 
+    if not (tok_dir / "tokenizer.json").exists():
+        tok = (PreTrainedTokenizerFast.from_pretrained(args.init) if args.init
+               else build_tokenizer(args.seed, recipe=args.recipe))
+        tok.save_pretrained(str(tok_dir))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     special = tokenizer.convert_tokens_to_ids(SPECIAL)
-    model = LlamaForCausalLM(model_config(len(tokenizer), special))
+    if args.init:  # float16 weights, trained on in float32 (safetensors only)
+        model = LlamaForCausalLM.from_pretrained(args.init, torch_dtype=torch.float32, use_safetensors=True,
+                                                 local_files_only=True)
+    else:
+        model = LlamaForCausalLM(model_config(len(tokenizer), special))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     item = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "lm_weight": args.lm_weight,
             "simple_steps": args.simple_steps}
     if args.recipe != 1:  # recipe 1's record is the committed model's
         item.update(naming_share=args.naming_share, lookup_steps=args.lookup_steps, recipe=args.recipe)
+    if args.init:
+        item["init"] = str(args.init)
     ckpt = workdir / "state.safetensors"
     step = _load_state(ckpt, model, opt, item) if ckpt.exists() else 0
     log = open(workdir / "metrics.jsonl", "a")
@@ -503,6 +550,12 @@ def _cli(argv: list[str]) -> int:
             raise errors.UserError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0.0 <= args.naming_share <= 1.0:
         raise errors.UserError("--naming-share must be in [0, 1]")
+    if (args.recipe == 4) != bool(args.init):
+        raise errors.UserError("--init is recipe 4's (and recipe 4 needs it): the model folder to start "
+                               "from, e.g. projects/miniworld/assets/llm")
+    if args.init and not (Path(args.init) / "model.safetensors").is_file():
+        raise errors.UserError(f"--init {args.init}: no model.safetensors there (a model folder such as "
+                               "projects/miniworld/assets/llm)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     train(args)
     return 0
