@@ -200,5 +200,13 @@ def test_naming_diagnosis_redraws_the_core_commands_episodes(tmp_path):
     (tmp_path / "classify").mkdir()
     data.write_jsonl(tmp_path / "classify" / "predictions.jsonl", preds)
     table = naming_diagnosis(tmp_path, 5, 0)
-    assert table == {"s": {"5-way 1-shot, induction": {"accuracy": 50.0, "in_episode": 50.0}}}
-    assert (tmp_path / "classify" / "names.md").read_text().count("50.0 / 50.0") == 1
+    by_kinds: dict[str, list[float]] = {}
+    for p in preds:
+        by_kinds.setdefault("2" if " + " in p["label"] else "1", []).append(p["score"])
+    assert set(by_kinds) == {"1", "2"}   # both kinds of query in the 12 scenes
+    cell = table["s"]["5-way 1-shot, induction"]
+    assert (cell["accuracy"], cell["in_episode"]) == (50.0, 50.0)
+    assert cell["by_object_kinds"] == {k: {"accuracy": round(100 * sum(v) / len(v), 1), "queries": len(v)}
+                                       for k, v in by_kinds.items()}
+    names_md = (tmp_path / "classify" / "names.md").read_text()
+    assert names_md.count("50.0 / 50.0") == 1 and "| s | 5-way 1-shot, induction |" in names_md

@@ -15,7 +15,9 @@ Writes the inputs of the core command (`python -m dediffusion_jax.fewshot`) and 
   (VQA at each --shots; 5-way 1-shot naming of scene kinds with and without task induction);
 - OUT/classify/names.json and .md: per source and setting, the accuracy and the share of answers
   that are one of the episode's five names (a model that never learned to copy a name from the
-  support answers names from elsewhere: the diagnosis of the first world LLM).
+  support answers names from elsewhere: the diagnosis of the first world LLM), and the accuracy
+  apart for queries whose scene has one object kind and two (a model that matches only one-kind
+  scenes, recipe 4's, scores above chance on the first and at chance on the second).
 
 Halves: the held-out scenes in `scenes.evaluation_indices()` order; `tune` is the first half (choose
 settings there), `report` the second (the numbers in docs/fewshot.md).
@@ -175,15 +177,29 @@ def naming_diagnosis(out: Path, ways: int, seed: int) -> dict:
         groups.setdefault((p["source"], p["setting"]), []).append(p)
     for (source, setting), ps in groups.items():
         inside = [p["prediction"].strip() in names for p, names in zip(ps, names_of)]
+        by_kinds: dict[str, list[float]] = {}
+        for p in ps:  # a scene kind is its object kinds joined by " + "
+            by_kinds.setdefault(str(p["label"].count(" + ") + 1), []).append(p["score"])
         table.setdefault(source, {})[setting] = {
             "accuracy": round(100 * sum(p["score"] for p in ps) / len(ps), 1),
-            "in_episode": round(100 * sum(inside) / len(ps), 1)}
+            "in_episode": round(100 * sum(inside) / len(ps), 1),
+            "by_object_kinds": {k: {"accuracy": round(100 * sum(v) / len(v), 1), "queries": len(v)}
+                                for k, v in sorted(by_kinds.items())}}
     (out / "classify" / "names.json").write_text(json.dumps(table, indent=2) + "\n")
     settings = sorted({s for v in table.values() for s in v})
     lines = ["| text source | " + " | ".join(f"{s}: acc / answer in episode" for s in settings) + " |",
              "|---|" + "---|" * len(settings)]
     lines += [f"| {src} | " + " | ".join(f"{v[s]['accuracy']} / {v[s]['in_episode']}" for s in settings) + " |"
               for src, v in table.items()]
+    kinds = sorted({k for v in table.values() for s in v.values() for k in s["by_object_kinds"]})
+    lines += ["", "Accuracy by the number of object kinds in the query scene (queries):", "",
+              "| text source | setting | " + " | ".join(f"{k} kind{'s' * (k != '1')}" for k in kinds) + " |",
+              "|---|---|" + "---|" * len(kinds)]
+    for src, v in table.items():
+        for setting in settings:
+            cells = [v[setting]["by_object_kinds"].get(k) for k in kinds]
+            lines.append(f"| {src} | {setting} | " + " | ".join(
+                f"{c['accuracy']} ({c['queries']})" if c else "" for c in cells) + " |")
     (out / "classify" / "names.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return table

@@ -454,7 +454,7 @@ def train(args: argparse.Namespace) -> Path:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     special = tokenizer.convert_tokens_to_ids(SPECIAL)
     if args.init:  # float16 weights, trained on in float32 (safetensors only)
-        model = LlamaForCausalLM.from_pretrained(args.init, torch_dtype=torch.float32, use_safetensors=True,
+        model = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32, use_safetensors=True,
                                                  local_files_only=True)
     else:
         model = LlamaForCausalLM(model_config(len(tokenizer), special))
