@@ -26,7 +26,11 @@ such captions; then the mix: `--naming-share` N-way K-shot naming episodes (2/3/
 queries), the rest k-shot VQA. Recipe 3 (docs/fewshot.md, "Recipe 3": the look-ups learned, copying
 never formed; not adopted): `--lookup-steps` one-line VQA steps with uniformly drawn question types,
 then naming episodes whose queries repeat a support's description word for word, then other scenes of
-a support's kind, then recipe 2's mix. At lr 3e-3 two recipe-1 runs stayed at the prior's loss for 400+ steps
+a support's kind, then recipe 2's mix. Recipe 4 (docs/fewshot.md, "Recipe 4": it learned to match one-kind
+scenes, not two-kind ones; naming still at chance on held-out scenes; not adopted): from a trained model
+(`--init`), `--naming-share` naming episodes whose contexts widen from the kind's object words
+(`--lookup-steps`) through KIND_PHASE_MIX['objects'] (to `--simple-steps`) to ['all'], the rest recipe
+1's VQA texts, answer loss only. At lr 3e-3 two recipe-1 runs stayed at the prior's loss for 400+ steps
 with answers that did not depend on the context; lr 1e-3 learned. The batch of step s is a pure
 function of (seed, s), and the workdir keeps a safetensors checkpoint (weights, Adam moments, step),
 so a run stopped at any point resumes to the same weights.
