@@ -30,6 +30,7 @@ ENTRY_POINTS = [
     (["bench/throughput.py", "--help"], True),
     (["bench/vocab_head.py", "--help"], True),
     (["bench/unet_cpu.py", "--help"], True),
+    (["bench/unet_profile.py", "--help"], True),
     (["launch/local.py", "--help"], True),
     (["launch/slurm_gpu.py", "--help"], True),
     (["launch/tpu_pod.py", "--help"], True),
@@ -49,6 +50,7 @@ ENTRY_POINTS = [
     (["-m", "projects.miniworld.object_count", "--help"], True),
     (["-m", "dediffusion_jax.fewshot", "--help"], True),
     (["-m", "projects.miniworld.fewshot_eval", "--help"], True),
+    (["-m", "projects.miniworld.naming_probe", "--help"], True),
 ]
 
 
