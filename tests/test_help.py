@@ -51,6 +51,7 @@ ENTRY_POINTS = [
     (["-m", "dediffusion_jax.fewshot", "--help"], True),
     (["-m", "projects.miniworld.fewshot_eval", "--help"], True),
     (["-m", "projects.miniworld.naming_probe", "--help"], True),
+    (["-m", "projects.miniworld.recall_trial", "--help"], True),
 ]
 
 

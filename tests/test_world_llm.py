@@ -22,6 +22,8 @@ def test_training_text_is_app_b_prompts_about_train_scenes_only(monkeypatch, rec
     rng = np.random.default_rng(0)
     for n in range(300):
         text, spans = llm.example(rng, simple=n < 40, lookup=n < 20 and recipe == 2, recipe=recipe)
+        if llm.task_of(text) == "copying":   # recipe 5's copying texts describe no scene
+            continue
         assert spans and all(text[a:b].startswith(" ") for a, b in spans)
         for line in text.split(prompts.SHOT_SEPARATOR):
             assert line.startswith((prompts.VQA_INSTRUCTION + " Image context:", "Context:", "Classify the context into"))
@@ -106,6 +108,37 @@ def test_recipe_4_starts_naming_from_the_kinds_object_words_and_replays_vqa(tmp_
                    "--simple-steps", "2")
     record = json.loads((workdir / "out" / "TRAINING.json").read_text())
     assert record["recipe"] == 4 and record["init"] == str(llm.DEFAULT_DIR) and record["lm_weight"] == 0.0
+
+
+def test_recipe_5_warms_up_on_copying_texts_whose_recurrence_has_no_fixed_place(tmp_path):
+    """Recipe 5: a warm-up of texts in which a segment of words recurs at a random distance (the loss
+    reads the recurrence: only matching what came before predicts it), then recipe 4's texts with a
+    share of such texts kept."""
+    rng = np.random.default_rng(5)
+    distances = set()
+    for _ in range(50):
+        text, [(start, end)] = llm.copying_example(rng)
+        words = text.split(" ")
+        assert len(words) == llm.INDUCT_WORDS and llm.task_of(text) == "copying"
+        before = text[:start].split(" ")
+        recurrence = text[start:end].split(" ")[1:]              # the span starts with its space
+        assert llm.INDUCT_SEGMENT[0] - 1 <= len(recurrence) <= llm.INDUCT_SEGMENT[1] - 1
+        segment = [before[-1], *recurrence]                       # the recurrence's first word is not scored
+        first = next(i for i in range(len(before) - len(segment))
+                     if words[i:i + len(segment)] == segment)
+        distances.add(len(before) - 1 - first)
+    assert len(distances) > 20                                    # no fixed offset to learn instead
+    assert all(llm.task_of(llm.example(rng, recipe=5, induct=True)[0]) == "copying" for _ in range(20))
+    tasks = [llm.task_of(llm.example(rng, naming_share=0.75, recipe=5)[0]) for _ in range(400)]
+    assert 15 <= tasks.count("copying") <= 70 and tasks.count("naming") > 200
+    assert llm.main(["--workdir", str(tmp_path / "bad"), "--recipe", "4", "--init", str(llm.DEFAULT_DIR),
+                     "--induct-steps", "3"]) == 2                 # the warm-up is recipe 5's
+    workdir = _run(tmp_path, "r5", "--recipe", "5", "--init", str(llm.DEFAULT_DIR), "--induct-steps", "2",
+                   "--lookup-steps", "3", "--simple-steps", "3", "--save-every", "2")
+    record = json.loads((workdir / "out" / "TRAINING.json").read_text())
+    assert record["recipe"] == 5 and record["induct_steps"] == 2
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert "copying_acc" in logged[0]
 
 
 def _run(tmp_path, name, *extra):

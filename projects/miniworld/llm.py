@@ -30,7 +30,10 @@ a support's kind, then recipe 2's mix. Recipe 4 (docs/fewshot.md, "Recipe 4": it
 scenes, not two-kind ones; naming still at chance on held-out scenes; not adopted): from a trained model
 (`--init`), `--naming-share` naming episodes whose contexts widen from the kind's object words
 (`--lookup-steps`) through KIND_PHASE_MIX['objects'] (to `--simple-steps`) to ['all'], the rest recipe
-1's VQA texts, answer loss only. At lr 3e-3 two recipe-1 runs stayed at the prior's loss for 400+ steps
+1's VQA texts, answer loss only. Recipe 5 (docs/fewshot.md, "Recipe 5"): recipe 4 after `--induct-steps`
+steps of copying texts (`copying_example`: a segment of words recurs at a random distance), the
+content-based copying that naming needs and that no App.-B text mix formed in this model; they stay
+INDUCT_SHARE of every later step. At lr 3e-3 two recipe-1 runs stayed at the prior's loss for 400+ steps
 with answers that did not depend on the context; lr 1e-3 learned. The batch of step s is a pure
 function of (seed, s), and the workdir keeps a safetensors checkpoint (weights, Adam moments, step),
 so a run stopped at any point resumes to the same weights.
@@ -64,16 +67,23 @@ QUERIES = 4  # answered queries per classification text
 # look-ups that need an induction head (shape: the word after the colour; presence) drawn more often.
 LOOKUP_WEIGHTS = (0.2, 0.25, 0.15, 0.05, 0.05, 0.3)
 QUERIES_V1 = 3
-RECIPES = (1, 2, 3, 4)  # 1: the committed model's (the decoder's caption mix, 25% naming, 3 queries, a
+RECIPES = (1, 2, 3, 4, 5)  # 1: the committed model's (the decoder's caption mix, 25% naming, 3 queries, a
 # VQA-only curriculum, 1,600 steps); 2: CONTEXT_MIX, a look-up phase, a naming curriculum, 50% naming;
 # 3: recipe 2 with a longer look-up phase of uniformly drawn question types, then naming by copying
 # (each query is a support's own scene and description) before naming other scenes of a support's kind;
 # 4: naming from a trained model (`--init`): contexts that grow from the scene kind's object words alone
-# to the full context mix, beside a replay of recipe 1's VQA texts
+# to the full context mix, beside a replay of recipe 1's VQA texts; 5: recipe 4 after `--induct-steps` of
+# repeated-segment texts (content-based copying: docs/fewshot.md, "Recipe 5"), which stay INDUCT_SHARE
+# of every later step
 DEFAULTS = {1: {"steps": 1600, "simple_steps": 500, "lookup_steps": 0, "naming_share": 0.25, "lm_weight": 0.5},
             2: {"steps": 3000, "simple_steps": 1200, "lookup_steps": 700, "naming_share": 0.5, "lm_weight": 0.5},
             3: {"steps": 3600, "simple_steps": 2800, "lookup_steps": 1200, "naming_share": 0.5, "lm_weight": 0.5},
-            4: {"steps": 4000, "simple_steps": 2000, "lookup_steps": 1000, "naming_share": 0.75, "lm_weight": 0.0}}
+            4: {"steps": 4000, "simple_steps": 2000, "lookup_steps": 1000, "naming_share": 0.75, "lm_weight": 0.0},
+            5: {"steps": 6500, "simple_steps": 4500, "lookup_steps": 3500, "naming_share": 0.75, "lm_weight": 0.0,
+                "induct_steps": 2500}}
+# Recipe 5's copying texts: INDUCT_WORDS words, a segment of INDUCT_SEGMENT words repeated at a random
+# distance; their share of every step after the warm-up
+INDUCT_WORDS, INDUCT_SEGMENT, INDUCT_SHARE = 48, (4, 12), 0.1
 # Recipe 4's naming contexts per phase: (object words of the kind, sorted; object words shuffled;
 # full caption, segments shuffled 30%; CONTEXT_MIX)
 KIND_PHASE_MIX = {"kind": (1.0, 0.0, 0.0, 0.0), "objects": (1 / 3, 1 / 3, 1 / 3, 0.0), "all": (0.2, 0.0, 0.4, 0.4)}
@@ -89,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/fewshot.md: measured worse on the tune half); 3: a uniform look-up phase, "
                         "then naming by copying, then naming (docs/fewshot.md); 4: naming learned from a "
                         "trained model (--init) on contexts that grow from the kind's object words to the "
-                        "full mix, with recipe 1's VQA replayed (docs/fewshot.md, 'Recipe 4')")
+                        "full mix, with recipe 1's VQA replayed (docs/fewshot.md, 'Recipe 4'); 5: recipe 4 "
+                        "after a warm-up on copying texts (docs/fewshot.md, 'Recipe 5')")
     p.add_argument("--steps", type=int, default=None,
-                   help="default: 1600 (recipe 1), 3000 (recipe 2), 3600 (recipe 3), 4000 (recipe 4)")
+                   help="default: 1600 (recipe 1), 3000 (recipe 2), 3600 (recipe 3), 4000 (recipe 4), "
+                        "6500 (recipe 5)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3,
                    help="peak learning rate (3e-3 collapsed attention: the answers stopped depending on the context)")
@@ -99,20 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookup-steps", type=int, default=None,
                    help="recipe 2, curriculum phase 1: the first N steps are one-line VQA on full / shuffled "
                         "captions (default 700); recipe 4: the naming contexts are the kind's object words "
-                        "alone for the first N steps (default 1000)")
+                        "alone for the first N steps (default 1000; recipe 5: 3500)")
     p.add_argument("--simple-steps", type=int, default=None,
                    help="curriculum: the first N steps are one-line VQA on full / shuffled captions (recipe 1, "
                         "default 500); recipe 2 (default 1200): half such lines, half 2/3-way naming; "
-                        "recipe 4 (default 2000): until step N a third each of object words sorted, "
+                        "recipe 4 (default 2000; recipe 5: 4500): until step N a third each of object words sorted, "
                         "shuffled, and full captions; then KIND_PHASE_MIX['all']")
     p.add_argument("--naming-share", type=float, default=None,
                    help="recipe 2: share of N-way K-shot naming texts after the curriculum (default 0.5; "
-                        "recipe 1: 0.25; recipe 4: 0.75 of every step, the rest recipe 1's VQA texts)")
+                        "recipe 1: 0.25; recipes 4 and 5: 0.75 of every step, the rest recipe 1's VQA texts)")
     p.add_argument("--lm-weight", type=float, default=None,
                    help="weight of the next-token loss on the non-answer text (the answers weigh 1; "
-                        "default 0.5, recipe 4: 0)")
+                        "default 0.5, recipes 4 and 5: 0)")
+    p.add_argument("--induct-steps", type=int, default=None,
+                   help="recipe 5: the first N steps are copying texts only (default 2500); its lookup / "
+                        "simple steps count from step 0, as every recipe's")
     p.add_argument("--init", default=None,
-                   help="recipe 4: the model folder to start from, its tokenizer included (the committed "
+                   help="recipes 4 and 5: the model folder to start from, its tokenizer included (the committed "
                         "world LLM, projects/miniworld/assets/llm)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared 2-core machine 2 threads ran 10x slower)")
@@ -278,17 +293,44 @@ def simple_example(rng: np.random.Generator, naming: bool = True, copy: bool = F
     return _join([(prompts.vqa_line(_context(index, rng, clean=True), q), f" {a}{prompts.ANSWER_END}")], [0])
 
 
+def copying_example(rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
+    """Recipe 5's copying text: INDUCT_WORDS random words (the world's, the distractors, the made-up
+    names), in which a segment of INDUCT_SEGMENT words recurs at a random distance; the loss reads the
+    recurrence after its first word. Neither the distance nor the segment's place is fixed, so only
+    matching what came before (an induction head) predicts it: the skill naming needs, which the
+    App.-B texts alone did not form in this model (docs/fewshot.md, "Recipe 5")."""
+    from dediffusion_jax.fewshot.support import MADE_UP_NAMES
+    from projects.miniworld.captions import SEGMENT_SEP, WORLD_WORDS
+    from projects.miniworld.tokenizer import DISTRACTORS
+
+    pool = (*WORLD_WORDS, *DISTRACTORS, *MADE_UP_NAMES, SEGMENT_SEP.strip())
+    words = [pool[int(i)] for i in rng.integers(len(pool), size=INDUCT_WORDS)]
+    m = int(rng.integers(INDUCT_SEGMENT[0], INDUCT_SEGMENT[1] + 1))
+    first = int(rng.integers(0, INDUCT_WORDS - 2 * m + 1))
+    second = int(rng.integers(first + m, INDUCT_WORDS - m + 1))
+    words[second:second + m] = words[first:first + m]
+    start = len(" ".join(words[:second + 1]))  # the recurrence after its first word
+    end = len(" ".join(words[:second + m]))
+    return " ".join(words), [(start, end)]
+
+
 def example(rng: np.random.Generator, simple: bool = False, naming_share: float = 0.5,
-            lookup: bool = False, recipe: int = 2, copy: bool = False) -> tuple[str, list[tuple[int, int]]]:
+            lookup: bool = False, recipe: int = 2, copy: bool = False,
+            induct: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """One training text: VQA or (`naming_share`) classification; `simple`: the curriculum's kind
     (`lookup`: its first phase, VQA only; `copy`, recipe 3: its copying phase). Recipe 1: 75% VQA,
     25% classification, exactly as the committed model was trained. Recipe 4: `naming_share` 2/3/5-way
     1-shot naming episodes whose contexts come from its phase (`lookup`: the kind's object words,
-    `simple`: KIND_PHASE_MIX['objects'], else ['all']), the rest recipe 1's VQA texts."""
+    `simple`: KIND_PHASE_MIX['objects'], else ['all']), the rest recipe 1's VQA texts. Recipe 5: only
+    `copying_example` texts while `induct`, then recipe 4's texts with INDUCT_SHARE of them."""
     if recipe == 1:
         if simple:
             return _simple_example_v1(rng)
         return vqa_example(rng, recipe=1) if rng.random() < 0.75 else _classify_example_v1(rng)
+    if recipe == 5:
+        if induct or rng.random() < INDUCT_SHARE:
+            return copying_example(rng)
+        recipe = 4
     if recipe == 4:
         if rng.random() >= naming_share:
             return vqa_example(rng, recipe=1)
@@ -322,11 +364,21 @@ def _simple_example_v1(rng: np.random.Generator) -> tuple[str, list[tuple[int, i
     return _join([(prompts.vqa_line(captions.SEGMENT_SEP.join(segs), q), f" {a}{prompts.ANSWER_END}")], [0])
 
 
-def is_naming(text: str) -> bool:
-    """Whether a training text is a naming episode (for the per-task accuracies in metrics.jsonl)."""
+TASKS = ("naming", "vqa", "copying")
+
+
+def task_of(text: str) -> str:
+    """A training text's task (for the per-task accuracies in metrics.jsonl)."""
     from dediffusion_jax.fewshot import prompts
 
-    return not text.startswith(prompts.VQA_INSTRUCTION)
+    if text.startswith(prompts.VQA_INSTRUCTION):
+        return "vqa"
+    return "naming" if "Classification:" in text else "copying"
+
+
+def is_naming(text: str) -> bool:
+    """Whether a training text is a naming episode."""
+    return task_of(text) == "naming"
 
 
 # ------------------------------------------------------------------------------- tokenizer and model
@@ -362,8 +414,8 @@ def model_config(vocab_size: int, special_id: int) -> Any:
 
 
 def batch_tensors(tokenizer: Any, texts: list[str], spans: list[list[tuple[int, int]]]) -> dict[str, Any]:
-    """input_ids / attention_mask / labels / is_answer (1 on answer tokens) / naming (1 on the rows of
-    naming episodes), right-padded, cut at MAX_LEN; labels are -100 on padding."""
+    """input_ids / attention_mask / labels / is_answer (1 on answer tokens) / task (the rows' index in
+    TASKS), right-padded, cut at MAX_LEN; labels are -100 on padding."""
     import torch
 
     enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False, truncation=True,
@@ -376,16 +428,18 @@ def batch_tensors(tokenizer: Any, texts: list[str], spans: list[list[tuple[int, 
     return {"input_ids": torch.from_numpy(enc["input_ids"].astype(np.int64)),
             "attention_mask": torch.from_numpy(enc["attention_mask"].astype(np.int64)),
             "labels": torch.from_numpy(labels), "is_answer": torch.from_numpy(is_answer),
-            "naming": torch.tensor([is_naming(t) for t in texts]).reshape(-1, 1)}
+            "task": torch.tensor([TASKS.index(task_of(t)) for t in texts]).reshape(-1, 1)}
 
 
 def batch_of_step(tokenizer: Any, seed: int, step: int, batch: int, simple_steps: int = 0,
-                  naming_share: float = 0.5, lookup_steps: int = 0, recipe: int = 2) -> list[dict[str, Any]]:
+                  naming_share: float = 0.5, lookup_steps: int = 0, recipe: int = 2,
+                  induct_steps: int = 0) -> list[dict[str, Any]]:
     """The batch of a step, a pure function of (seed, step), as MICRO micro-batches of similar
     lengths (each padded to its own longest text); the first `simple_steps` steps are the curriculum's."""
     rng = np.random.default_rng([seed, step])
     copy = recipe == 3 and step < (lookup_steps + simple_steps) // 2  # recipe 3: the first half of naming
-    examples = sorted((example(rng, step < simple_steps, naming_share, step < lookup_steps, recipe, copy)
+    examples = sorted((example(rng, step < simple_steps, naming_share, step < lookup_steps, recipe, copy,
+                               step < induct_steps)
                        for _ in range(batch)),
                       key=lambda e: len(e[0]))
     size = -(-batch // MICRO)
@@ -467,6 +521,8 @@ def train(args: argparse.Namespace) -> Path:
             "simple_steps": args.simple_steps}
     if args.recipe != 1:  # recipe 1's record is the committed model's
         item.update(naming_share=args.naming_share, lookup_steps=args.lookup_steps, recipe=args.recipe)
+    if args.recipe == 5:
+        item["induct_steps"] = args.induct_steps
     if args.init:
         item["init"] = str(args.init)
     ckpt = workdir / "state.safetensors"
@@ -475,11 +531,11 @@ def train(args: argparse.Namespace) -> Path:
     wall = json.loads((workdir / "wall.json").read_text())["seconds"] if (workdir / "wall.json").exists() else 0.0
     start, last = time.time(), time.time()
     model.train()
-    task_hits, task_n = {"naming": 0, "vqa": 0}, {"naming": 0, "vqa": 0}  # since the last log line
+    task_hits, task_n = dict.fromkeys(TASKS, 0), dict.fromkeys(TASKS, 0)  # since the last log line
     stop_at = min(args.steps, step + args.stop_after_steps) if args.stop_after_steps else args.steps
     while step < stop_at:
         micro = batch_of_step(tokenizer, args.seed, step, args.batch, args.simple_steps, args.naming_share,
-                              args.lookup_steps, args.recipe)
+                              args.lookup_steps, args.recipe, args.induct_steps)
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr)
         opt.zero_grad(set_to_none=True)
@@ -488,7 +544,7 @@ def train(args: argparse.Namespace) -> Path:
         loss_sum, hits = 0.0, 0
         for m in micro:  # means over the whole batch's answer / other tokens, whatever the grouping
             labels, is_answer = m.pop("labels")[:, 1:], m.pop("is_answer")[:, 1:]
-            naming = m.pop("naming")
+            task = m.pop("task")
             logits = model(**m).logits[:, :-1].float()
             ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                    ignore_index=-100, reduction="none").reshape(labels.shape)
@@ -497,7 +553,8 @@ def train(args: argparse.Namespace) -> Path:
             loss_sum += float(answer_ce.detach())
             right = (logits.argmax(-1) == labels) & is_answer
             hits += int(right.sum())
-            for key, rows in (("naming", naming), ("vqa", ~naming)):  # answer-token accuracy per task
+            for index, key in enumerate(TASKS):  # answer-token accuracy per task
+                rows = task == index
                 task_hits[key] += int((right & rows).sum())
                 task_n[key] += int((is_answer & rows).sum())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -507,7 +564,7 @@ def train(args: argparse.Namespace) -> Path:
             rec = {"step": step, "loss": round(loss_sum / n_answer, 5), "answer_token_acc": round(hits / n_answer, 4),
                    **{f"{k}_acc": round(task_hits[k] / task_n[k], 4) for k in task_n if task_n[k]},
                    "seconds": round(wall + time.time() - start, 1)}
-            task_hits, task_n = {"naming": 0, "vqa": 0}, {"naming": 0, "vqa": 0}
+            task_hits, task_n = dict.fromkeys(TASKS, 0), dict.fromkeys(TASKS, 0)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), flush=True)
@@ -554,9 +611,15 @@ def _cli(argv: list[str]) -> int:
             raise errors.UserError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0.0 <= args.naming_share <= 1.0:
         raise errors.UserError("--naming-share must be in [0, 1]")
-    if (args.recipe == 4) != bool(args.init):
-        raise errors.UserError("--init is recipe 4's (and recipe 4 needs it): the model folder to start "
+    if (args.recipe in (4, 5)) != bool(args.init):
+        raise errors.UserError("--init is recipes 4 and 5's (and they need it): the model folder to start "
                                "from, e.g. projects/miniworld/assets/llm")
+    if args.induct_steps is None:
+        args.induct_steps = 0
+    elif args.recipe != 5:
+        raise errors.UserError("--induct-steps is recipe 5's")
+    if args.induct_steps < 0:
+        raise errors.UserError("--induct-steps must be >= 0")
     if args.init and not (Path(args.init) / "model.safetensors").is_file():
         raise errors.UserError(f"--init {args.init}: no model.safetensors there (a model folder such as "
                                "projects/miniworld/assets/llm)")
