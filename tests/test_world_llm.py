@@ -104,10 +104,10 @@ def test_recipe_4_starts_naming_from_the_kinds_object_words_and_replays_vqa(tmp_
     later = [llm.example(rng, naming_share=1.0, recipe=4)[0] for _ in range(20)]
     assert any(captions.BACKGROUND_WORD in t for t in later)   # full captions and the mix
     assert llm.main(["--workdir", str(tmp_path / "no_init"), "--recipe", "4"]) == 2   # --init is required
-    workdir = _run(tmp_path, "r4", "--recipe", "4", "--init", str(llm.DEFAULT_DIR), "--lookup-steps", "1",
+    workdir = _run(tmp_path, "r4", "--recipe", "4", "--init", str(llm.RECIPE1_DIR), "--lookup-steps", "1",
                    "--simple-steps", "2")
     record = json.loads((workdir / "out" / "TRAINING.json").read_text())
-    assert record["recipe"] == 4 and record["init"] == str(llm.DEFAULT_DIR) and record["lm_weight"] == 0.0
+    assert record["recipe"] == 4 and record["init"] == str(llm.RECIPE1_DIR) and record["lm_weight"] == 0.0
 
 
 def test_recipe_5_warms_up_on_copying_texts_whose_recurrence_has_no_fixed_place(tmp_path):
@@ -131,9 +131,9 @@ def test_recipe_5_warms_up_on_copying_texts_whose_recurrence_has_no_fixed_place(
     assert all(llm.task_of(llm.example(rng, recipe=5, induct=True)[0]) == "copying" for _ in range(20))
     tasks = [llm.task_of(llm.example(rng, naming_share=0.75, recipe=5)[0]) for _ in range(400)]
     assert 15 <= tasks.count("copying") <= 70 and tasks.count("naming") > 200
-    assert llm.main(["--workdir", str(tmp_path / "bad"), "--recipe", "4", "--init", str(llm.DEFAULT_DIR),
+    assert llm.main(["--workdir", str(tmp_path / "bad"), "--recipe", "4", "--init", str(llm.RECIPE1_DIR),
                      "--induct-steps", "3"]) == 2                 # the warm-up is recipe 5's
-    workdir = _run(tmp_path, "r5", "--recipe", "5", "--init", str(llm.DEFAULT_DIR), "--induct-steps", "2",
+    workdir = _run(tmp_path, "r5", "--recipe", "5", "--init", str(llm.RECIPE1_DIR), "--induct-steps", "2",
                    "--lookup-steps", "3", "--simple-steps", "3", "--save-every", "2")
     record = json.loads((workdir / "out" / "TRAINING.json").read_text())
     assert record["recipe"] == 5 and record["induct_steps"] == 2
@@ -164,12 +164,15 @@ def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
     assert llm.main(["--workdir", str(tmp_path / "resumed"), "--steps", "5", "--batch", "2"]) == 2  # other args
 
 
-def test_the_committed_world_llm_is_a_small_float16_transformers_folder():
+@pytest.mark.parametrize("folder", [llm.DEFAULT_DIR, llm.RECIPE1_DIR], ids=["recipe5", "recipe1"])
+def test_the_committed_world_llms_are_small_float16_transformers_folders(folder):
+    """The committed world LLM (recipe 5) and its init (recipe 1, the ablation column's LLM)."""
     from safetensors import safe_open
 
-    folder = llm.DEFAULT_DIR
     record = json.loads((folder / "TRAINING.json").read_text())
     assert record["command"].startswith("python -m projects.miniworld.llm")
+    if folder == llm.DEFAULT_DIR:
+        assert record["recipe"] == 5 and record["init_moved_to"] == "projects/miniworld/assets/llm_recipe1"
     assert record["seed"] == 0 and record["wall_seconds"] > 0 and record["steps"] > 0
     assert (folder / "model.safetensors").stat().st_size < 5_000_000
     with safe_open(str(folder / "model.safetensors"), framework="np") as f:

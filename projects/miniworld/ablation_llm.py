@@ -1,13 +1,15 @@
 """The ablation tables' language-model column: world-LLM VQA accuracy of a run's texts (issue 20).
 
 The paper pairs every ablation FID with a few-shot accuracy of a text-only LLM reading the texts. The
-world's analogue: the committed world LLM (assets/llm, trained on text only) answers one question of
-each type about every REPORT-half scene of the ablation protocol, 0-shot with pseudo samples, through
-the core command (`python -m dediffusion_jax.fewshot`), exactly as docs/fewshot.md's table. Naming of
-scene kinds (the paper's 5-way 1-shot) is at chance for every source with this LLM (docs/fewshot.md),
-so the column is VQA. The world LLM answers shape and presence from its prior (every source scores the
-same), so `informative` averages the four types it reads from the context: background, colour, count,
-position.
+world's analogue: the recipe-1 world LLM (assets/llm_recipe1, trained on text only; the committed
+model when the column was measured, kept as its LLM so every run's column is read by one model)
+answers one question of each type about every REPORT-half scene of the ablation protocol, 0-shot with
+pseudo samples, through the core command (`python -m dediffusion_jax.fewshot`), exactly as
+docs/fewshot.md's table. Naming of scene kinds (the paper's 5-way 1-shot) is at chance for every
+source with that LLM (docs/fewshot.md), so the column is VQA; the committed recipe-5 LLM (assets/llm)
+names above chance, and moving the column to it is docs/fewshot.md's next step. The recipe-1 LLM
+answers shape and presence from its prior (every source scores the same), so `informative` averages
+the four types it reads from the context: background, colour, count, position.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def vqa_accuracy(texts: Mapping[int, str], indices: Sequence[int], out: Path, *,
     text_file = data.write_jsonl(out / "texts.jsonl", [{"id": str(int(i)), "text": texts[int(i)]} for i in indices])
     questions = data.write_jsonl(out / "questions.jsonl",
                                  [r for r in fewshot_eval.vqa_rows([int(i) for i in indices], seed)])
-    code = fewshot_main(["--texts", f"{name}={text_file}", "--llm", str(llm or world_llm.DEFAULT_DIR),
+    code = fewshot_main(["--texts", f"{name}={text_file}", "--llm", str(llm or world_llm.RECIPE1_DIR),
                          "--questions", str(questions), "--shots", "0", "--pseudo-shots", str(PSEUDO_SHOTS),
                          "--seed", str(seed), "--out", str(out)])
     if code != 0:

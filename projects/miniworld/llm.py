@@ -1,7 +1,9 @@
 """The world LLM: a small causal language model of the miniature world, trained on TEXT ONLY.
 
-    python -m projects.miniworld.llm --workdir workdirs/world_llm --out projects/miniworld/assets/llm \
+    python -m projects.miniworld.llm --workdir workdirs/world_llm --out projects/miniworld/assets/llm_recipe1 \
         [--recipe 1] [--steps 1600] [--batch 32] [--seed 0] [--threads 1]
+    python -m projects.miniworld.llm --recipe 5 --init projects/miniworld/assets/llm_recipe1 \
+        --workdir workdirs/world_llm_r5 --out projects/miniworld/assets/llm      # the committed model
 
 PaLM 2 plays the LLM in the paper: it learned language from text and never saw De-Diffusion text. The
 world's stand-in learns the world from text the same way: App.-B-format prompts (`dediffusion_jax.
@@ -16,7 +18,7 @@ The model is a transformers `LlamaForCausalLM` (4 layers, width 128, RoPE) with 
 tokenizer learned from the same text; both are written as a transformers folder (float16
 safetensors, tokenizer.json) that `AutoModelForCausalLM` and the few-shot CLI's `--llm DIR` load.
 The loss is the next-token loss on the answers plus `--lm-weight` times the next-token loss on the rest
-of the text. Recipe 1 (the default, the committed model): the decoder's caption mix as contexts, 75% VQA
+of the text. Recipe 1 (the default; assets/llm_recipe1, the committed model until recipe 5 and its init): the decoder's caption mix as contexts, 75% VQA
 / 25% naming, the first `--simple-steps` steps one-line VQA on full captions. Recipe 2 (docs/fewshot.md,
 "Trying to fix naming": shape / presence learned, naming still at chance, background / colour lost;
 not adopted): a curriculum of `--lookup-steps` one-line VQA
@@ -30,7 +32,7 @@ a support's kind, then recipe 2's mix. Recipe 4 (docs/fewshot.md, "Recipe 4": it
 scenes, not two-kind ones; naming still at chance on held-out scenes; not adopted): from a trained model
 (`--init`), `--naming-share` naming episodes whose contexts widen from the kind's object words
 (`--lookup-steps`) through KIND_PHASE_MIX['objects'] (to `--simple-steps`) to ['all'], the rest recipe
-1's VQA texts, answer loss only. Recipe 5 (docs/fewshot.md, "Recipe 5"): recipe 4 after `--induct-steps`
+1's VQA texts, answer loss only. Recipe 5 (the committed model, assets/llm; docs/fewshot.md, "Recipe 5"): recipe 4 after `--induct-steps`
 steps of copying texts (`copying_example`: a segment of words recurs at a random distance), the
 content-based copying that naming needs and that no App.-B text mix formed in this model; they stay
 INDUCT_SHARE of every later step. At lr 3e-3 two recipe-1 runs stayed at the prior's loss for 400+ steps
@@ -54,7 +56,8 @@ import numpy as np
 from dediffusion_jax import errors
 from dediffusion_jax.cli_flags import answer_help_early
 
-DEFAULT_DIR = Path(__file__).with_name("assets") / "llm"
+DEFAULT_DIR = Path(__file__).with_name("assets") / "llm"  # recipe 5: the committed world LLM
+RECIPE1_DIR = Path(__file__).with_name("assets") / "llm_recipe1"  # recipe 1: recipe 5's --init
 SPECIAL = "<|endoftext|>"
 P_SOUP = 0.25  # the v4 decoder's word-soup share (docs/miniworld.md)
 # The LLM's context mix (v2): every line shows its scene more often than the decoder's mix does (12%
@@ -127,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe 5: the first N steps are copying texts only (default 2500); its lookup / "
                         "simple steps count from step 0, as every recipe's")
     p.add_argument("--init", default=None,
-                   help="recipes 4 and 5: the model folder to start from, its tokenizer included (the committed "
-                        "world LLM, projects/miniworld/assets/llm)")
+                   help="recipes 4 and 5: the model folder to start from, its tokenizer included (the "
+                        "recipe-1 model, projects/miniworld/assets/llm_recipe1)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared 2-core machine 2 threads ran 10x slower)")
     p.add_argument("--save-every", type=int, default=100)
@@ -613,7 +616,7 @@ def _cli(argv: list[str]) -> int:
         raise errors.UserError("--naming-share must be in [0, 1]")
     if (args.recipe in (4, 5)) != bool(args.init):
         raise errors.UserError("--init is recipes 4 and 5's (and they need it): the model folder to start "
-                               "from, e.g. projects/miniworld/assets/llm")
+                               "from, e.g. projects/miniworld/assets/llm_recipe1")
     if args.induct_steps is None:
         args.induct_steps = 0
     elif args.recipe != 5:
@@ -622,7 +625,7 @@ def _cli(argv: list[str]) -> int:
         raise errors.UserError("--induct-steps must be >= 0")
     if args.init and not (Path(args.init) / "model.safetensors").is_file():
         raise errors.UserError(f"--init {args.init}: no model.safetensors there (a model folder such as "
-                               "projects/miniworld/assets/llm)")
+                               "projects/miniworld/assets/llm_recipe1)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     train(args)
     return 0
