@@ -1,7 +1,7 @@
 """Can the world LLM's architecture learn to name by matching, and what makes it learn? A short trial.
 
     python -m projects.miniworld.recall_trial --key-words 4 [--warmup random] [--warmup-steps 2500]
-        [--init projects/miniworld/assets/llm] [--ways 2] [--queries 10] [--steps 600] [--seed 0]
+        [--init projects/miniworld/assets/llm_recipe1] [--ways 2] [--queries 10] [--steps 600] [--seed 0]
 
 Naming in the App.-B format (`Context: <text> Classification: <name>.`) needs a query line matched to
 the support line with the same text, several tokens before the name. This trial strips the task to that:
