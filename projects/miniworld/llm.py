@@ -18,27 +18,28 @@ The model is a transformers `LlamaForCausalLM` (4 layers, width 128, RoPE) with 
 tokenizer learned from the same text; both are written as a transformers folder (float16
 safetensors, tokenizer.json) that `AutoModelForCausalLM` and the few-shot CLI's `--llm DIR` load.
 The loss is the next-token loss on the answers plus `--lm-weight` times the next-token loss on the rest
-of the text. Recipe 1 (the default; assets/llm_recipe1, the committed model until recipe 5 and its init): the decoder's caption mix as contexts, 75% VQA
-/ 25% naming, the first `--simple-steps` steps one-line VQA on full captions. Recipe 2 (docs/fewshot.md,
-"Trying to fix naming": shape / presence learned, naming still at chance, background / colour lost;
-not adopted): a curriculum of `--lookup-steps` one-line VQA
-steps on full / shuffled captions, question types weighted toward the look-ups that need an induction
-head (shape, presence), then up to `--simple-steps` half such lines, half 2/3-way naming episodes on
-such captions; then the mix: `--naming-share` N-way K-shot naming episodes (2/3/5-way, 4 answered
-queries), the rest k-shot VQA. Recipe 3 (docs/fewshot.md, "Recipe 3": the look-ups learned, copying
-never formed; not adopted): `--lookup-steps` one-line VQA steps with uniformly drawn question types,
-then naming episodes whose queries repeat a support's description word for word, then other scenes of
-a support's kind, then recipe 2's mix. Recipe 4 (docs/fewshot.md, "Recipe 4": it learned to match one-kind
-scenes, not two-kind ones; naming still at chance on held-out scenes; not adopted): from a trained model
-(`--init`), `--naming-share` naming episodes whose contexts widen from the kind's object words
-(`--lookup-steps`) through KIND_PHASE_MIX['objects'] (to `--simple-steps`) to ['all'], the rest recipe
-1's VQA texts, answer loss only. Recipe 5 (the committed model, assets/llm; docs/fewshot.md, "Recipe 5"): recipe 4 after `--induct-steps`
-steps of copying texts (`copying_example`: a segment of words recurs at a random distance), the
-content-based copying that naming needs and that no App.-B text mix formed in this model; they stay
-INDUCT_SHARE of every later step. At lr 3e-3 two recipe-1 runs stayed at the prior's loss for 400+ steps
-with answers that did not depend on the context; lr 1e-3 learned. The batch of step s is a pure
-function of (seed, s), and the workdir keeps a safetensors checkpoint (weights, Adam moments, step),
-so a run stopped at any point resumes to the same weights.
+of the text. Recipe 1 (the default; assets/llm_recipe1, the committed model until recipe 5, and its
+init): the decoder's caption mix as contexts, 75% VQA / 25% naming, the first `--simple-steps` steps
+one-line VQA on full captions. Recipe 2 (docs/fewshot.md, "Trying to fix naming": shape / presence
+learned, naming still at chance, background / colour lost; not adopted): a curriculum of
+`--lookup-steps` one-line VQA steps on full / shuffled captions, question types weighted toward the
+look-ups that need an induction head (shape, presence), then up to `--simple-steps` half such lines,
+half 2/3-way naming episodes on such captions; then the mix: `--naming-share` N-way K-shot naming
+episodes (2/3/5-way, 4 answered queries), the rest k-shot VQA. Recipe 3 (docs/fewshot.md, "Recipe 3":
+the look-ups learned, copying never formed; not adopted): `--lookup-steps` one-line VQA steps with
+uniformly drawn question types, then naming episodes whose queries repeat a support's description word
+for word, then other scenes of a support's kind, then recipe 2's mix. Recipe 4 (docs/fewshot.md, "Recipe
+4": it learned to match one-kind scenes, not two-kind ones; naming still at chance on held-out scenes;
+not adopted): from a trained model (`--init`), `--naming-share` naming episodes whose contexts widen
+from the kind's object words (`--lookup-steps`) through KIND_PHASE_MIX['objects'] (to `--simple-steps`)
+to ['all'], the rest recipe 1's VQA texts, answer loss only. Recipe 5 (the committed model, assets/llm;
+docs/fewshot.md, "Recipe 5"): recipe 4 after `--induct-steps` steps of copying texts (`copying_example`:
+a segment of words recurs at a random distance), the content-based copying that naming needs and that no
+App.-B text mix formed in this model; they stay INDUCT_SHARE of every later step. At lr 3e-3 two
+recipe-1 runs stayed at the prior's loss for 400+ steps with answers that did not depend on the context;
+lr 1e-3 learned. The batch of step s is a pure function of (seed, s), and the workdir keeps a
+safetensors checkpoint (weights, Adam moments, step), so a run stopped at any point resumes to the same
+weights.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ QUERIES = 4  # answered queries per classification text
 # look-ups that need an induction head (shape: the word after the colour; presence) drawn more often.
 LOOKUP_WEIGHTS = (0.2, 0.25, 0.15, 0.05, 0.05, 0.3)
 QUERIES_V1 = 3
-RECIPES = (1, 2, 3, 4, 5)  # 1: the committed model's (the decoder's caption mix, 25% naming, 3 queries, a
+RECIPES = (1, 2, 3, 4, 5)  # 1: assets/llm_recipe1's (the decoder's caption mix, 25% naming, 3 queries, a
 # VQA-only curriculum, 1,600 steps); 2: CONTEXT_MIX, a look-up phase, a naming curriculum, 50% naming;
 # 3: recipe 2 with a longer look-up phase of uniformly drawn question types, then naming by copying
 # (each query is a support's own scene and description) before naming other scenes of a support's kind;
