@@ -9,6 +9,11 @@ float32, torch with SDPA attention at `--torch-threads`; each figure is the medi
 calls after one warm-up (our compile is reported apart). The outputs are compared as a parity check.
 `DEDIFFUSION_ATTENTION=plain` times our attention without the CPU loop (t2i/attention.py).
 
+Ours runs data parallel over `--devices` CPU devices (default: one per core, `cpu_devices.split_cpu`),
+the batch split between them and the weights replicated, as the trainer runs a mesh: XLA:CPU runs
+each device's program on its own thread, which uses the cores better than one device's intra-op
+threads do (bench/README.md, "Cores as devices"). `--devices 1` times the single-device program.
+
 Presets (random weights, seed 0, from the configs written here):
 - world: the world decoder's UNet (projects/miniworld/assets/decoder: 32/64/128 channels, 4 heads,
   16x16x3 pixels, 128-d text, 16 tokens) without its position-embedding extension, which diffusers
@@ -62,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=0, help="0: the preset's")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--torch-threads", type=int, default=0, help="0: the number of cores")
+    p.add_argument("--devices", type=int, default=0,
+                   help="CPU devices our side splits the batch over (0: the number of cores)")
     p.add_argument("--out", help="write unet_cpu.json and unet_cpu.md here")
     return p
 
@@ -76,11 +83,10 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure(preset: str, batch: int, repeats: int) -> dict[str, Any]:
+def measure(preset: str, batch: int, repeats: int, devices: int = 1) -> dict[str, Any]:
     """Forward and text-state gradient, ours and diffusers', with the outputs' largest difference."""
     import diffusers
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import torch
 
@@ -100,10 +106,15 @@ def measure(preset: str, batch: int, repeats: int) -> dict[str, Any]:
 
     forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
     text_grad = jax.jit(jax.grad(lambda c, p, x, t, w: (model.apply({"params": p}, x, t, c) * w).sum()))
-    args = [jnp.asarray(a) for a in (sample, steps, text)]
+    used = max(n for n in range(1, devices + 1) if batch % n == 0)  # the most that split the batch
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:used]), ("data",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    args = [jax.device_put(a, split) for a in (sample, steps, text)]
+    ours_weight = jax.device_put(weight, split)
     start = time.perf_counter()
     ours_out = np.asarray(forward(params, *args))
-    jax.block_until_ready(text_grad(args[2], params, args[0], args[1], jnp.asarray(weight)))
+    jax.block_until_ready(text_grad(args[2], params, args[0], args[1], ours_weight))
     compile_s = time.perf_counter() - start
 
     theirs = diffusers.UNet2DConditionModel.from_config(config.to_dict()).eval()
@@ -129,11 +140,11 @@ def measure(preset: str, batch: int, repeats: int) -> dict[str, Any]:
         "ours_forward_ms": _median_ms(lambda: forward(params, *args).block_until_ready(), repeats),
         "torch_forward_ms": _median_ms(torch_forward, repeats),
         "ours_text_grad_ms": _median_ms(lambda: text_grad(args[2], params, args[0], args[1],
-                                                           jnp.asarray(weight)).block_until_ready(), repeats),
+                                                           ours_weight).block_until_ready(), repeats),
         "torch_text_grad_ms": _median_ms(torch_grad, repeats),
     }
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-    return {"preset": preset, "batch": batch, "params_m": round(n_params / 1e6, 2), "compile_s": round(compile_s, 1),
+    return {"preset": preset, "batch": batch, "devices": mesh.size, "params_m": round(n_params / 1e6, 2), "compile_s": round(compile_s, 1),
             **{k: round(v, 1) for k, v in rows.items()},
             "forward_ratio": round(rows["ours_forward_ms"] / rows["torch_forward_ms"], 2),
             "text_grad_ratio": round(rows["ours_text_grad_ms"] / rows["torch_text_grad_ms"], 2),
@@ -143,9 +154,9 @@ def measure(preset: str, batch: int, repeats: int) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     head = (f"CPU, {env['cores']} cores, torch threads {env['torch_threads']}, jax {env['jax']}, torch {env['torch']}, "
             f"{env['date']}; our attention {env['attention']}; median of {env['repeats']} calls\n\n"
-            "| preset | batch | params (M) | forward ours / torch ms "
-            "| ratio | forward + text gradient ours / torch ms | ratio | outputs max diff |\n|---|---|---|---|---|---|---|---|")
-    lines = [head] + [f"| {r['preset']} | {r['batch']} | {r['params_m']} | {r['ours_forward_ms']} / {r['torch_forward_ms']} "
+            "| preset | batch | our devices | params (M) | forward ours / torch ms "
+            "| ratio | forward + text gradient ours / torch ms | ratio | outputs max diff |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head] + [f"| {r['preset']} | {r['batch']} | {r['devices']} | {r['params_m']} | {r['ours_forward_ms']} / {r['torch_forward_ms']} "
                       f"| {r['forward_ratio']}x | {r['ours_text_grad_ms']} / {r['torch_text_grad_ms']} | "
                       f"{r['text_grad_ratio']}x | {r['max_abs_diff']:.1e} |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -161,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import torch
 
+    from dediffusion_jax import cpu_devices
+
+    devices = min(cpu_devices.split_cpu(args.devices), jax.device_count())
     threads = args.torch_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     env = {"cores": os.cpu_count(), "torch_threads": threads, "jax": jax.__version__,
@@ -169,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
            "attention": os.environ.get("DEDIFFUSION_ATTENTION", "auto")}
     rows = []
     for preset in presets:
-        rows.append(measure(preset, args.batch or PRESETS[preset]["batch"], args.repeats))
+        rows.append(measure(preset, args.batch or PRESETS[preset]["batch"], args.repeats, devices))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows, env)
     print(table, end="")

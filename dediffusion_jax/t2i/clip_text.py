@@ -36,7 +36,7 @@ import numpy as np
 
 from dediffusion_jax.t2i import convert
 from dediffusion_jax.t2i.attention import dot_product_attention
-from dediffusion_jax.t2i.nn_blocks import heads_first, tokens_first
+from dediffusion_jax.t2i.nn_blocks import exact_gelu, heads_first, tokens_first
 
 Array = jax.Array
 Dtype = Any
@@ -54,7 +54,7 @@ def activation(name: str):
     if name == "quick_gelu":
         return lambda x: x * jax.nn.sigmoid(1.702 * x)
     if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+        return exact_gelu
     raise ValueError(f"hidden_act={name!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
 
 
