@@ -269,9 +269,11 @@ class Attention(nn.Module):
 
 def exact_gelu(x: jax.Array) -> jax.Array:
     """x * Phi(x) through erf, as torch computes it. jax.nn.gelu(approximate=False) goes through erfc,
-    which XLA:CPU evaluates about 2.5x slower (bench/README.md, "Cores as devices and erf"); the two
-    agree within 1e-6 over [-12, 12] in float32."""
-    return x * 0.5 * (1.0 + jax.lax.erf(x * np.asarray(math.sqrt(0.5), x.dtype)))
+    which XLA:CPU evaluates about 2.5x slower (bench/README.md, "Cores as devices, and GELU through erf"); the two
+    agree within 1e-6 over [-12, 12] in float32. Computed in float32 whatever x's dtype (as torch does
+    for bfloat16): in bfloat16, 1 + erf(x) cancels to 0 below x = -3."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * np.float32(math.sqrt(0.5))))).astype(x.dtype)
 
 
 class GEGLU(nn.Module):
