@@ -101,6 +101,7 @@ def test_a_fine_tune_starts_from_the_folder_and_unmixed_embeddings_equal_the_ids
         pretrain_decoder.Trainer(wrong).init_state()
 
 
+@pytest.mark.slow  # the default run stayed over 20 min on a slower 2-core machine (2026-12-07): .ci/run's slow phase runs it
 def test_a_frozen_world_clip_text_encoder_stays_out_of_the_optimizer(tmp_path):
     import argparse
 

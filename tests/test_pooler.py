@@ -28,6 +28,7 @@ def test_pooler_shapes_and_dependence_on_every_image_token(token_dim):
     assert np.all(np.abs(np.asarray(grad)).sum(-1) > 0)
 
 
+@pytest.mark.slow  # the default run stayed over 20 min on a slower 2-core machine (2026-12-07): .ci/run's slow phase runs it
 def test_pooler_remat_and_bf16_agree_with_the_plain_float32_pooler():
     tokens = jax.random.normal(jax.random.key(0), (2, 9, 16))
     plain = AttentionalPooler(4, 2, 16, 2)

@@ -109,6 +109,7 @@ def test_hard_tokens_equal_the_text_encoder_on_the_argmax_ids(built, decoder):
     assert isinstance(text, str)
 
 
+@pytest.mark.slow  # the default run stayed over 20 min on a slower 2-core machine (2026-12-07): .ci/run's slow phase runs it
 def test_fused_and_soft_token_paths_agree(decoder):
     batch = make_batch()
     rng, temp = jax.random.key(4), jnp.float32(1.3)
@@ -184,7 +185,9 @@ def test_frozen_decoder_is_bit_identical_after_steps(built, decoder):
     assert 0 < int(metrics["distinct_tokens"]) <= 6 * BATCH
 
 
-@pytest.mark.parametrize("axes", [{"data": 8}, {"data": 4, "fsdp": 2}, {"data": 2, "tensor": 4}])
+@pytest.mark.parametrize("axes", [{"data": 8},  # the other two meshes: slow phase (the default run's 20 min)
+                                  pytest.param({"data": 4, "fsdp": 2}, marks=pytest.mark.slow),
+                                  pytest.param({"data": 2, "tensor": 4}, marks=pytest.mark.slow)])
 def test_sharded_steps_match_one_device(built, decoder, axes):
     model, _, _ = built
     _, init_params, _ = build.build_model(tiny_config(), decoder.spec)
@@ -200,6 +203,7 @@ def test_sharded_steps_match_one_device(built, decoder, axes):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow  # the default run stayed over 20 min on a slower 2-core machine (2026-12-07): .ci/run's slow phase runs it
 def test_logged_flops_count_the_vocabulary_heads_loop_per_iteration(built, decoder):
     """Issue 21: XLA counts a loop body once, so its figure for a chunked fused vocabulary head drops
     with the chunk size; compile_step's flops_per_step (what the trainer logs as TFLOP/s) does not.
@@ -270,6 +274,7 @@ def test_slot_usage_entropy_spans_constant_to_uniform_words(built):
     assert float(model.slot_usage_entropy(peaked, features)) == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.slow  # the default run stayed over 20 min on a slower 2-core machine (2026-12-07): .ci/run's slow phase runs it
 def test_diversity_weight_adds_the_term_and_its_gradient_is_finite(decoder):
     config = tiny_config()
     config.quantizer.diversity_weight = 0.5
