@@ -83,14 +83,12 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure(preset: str, batch: int, repeats: int, devices: int = 1) -> dict[str, Any]:
-    """Forward and text-state gradient, ours and diffusers', with the outputs' largest difference."""
-    import diffusers
+def random_unet(preset: str, batch: int) -> tuple[Any, Any, Any, tuple[Any, ...]]:
+    """The preset's UNet with random weights (seed 0) and random float32 inputs: (config, model,
+    params, (sample, timesteps, text states, output weight)), arrays channels-last as ours takes them."""
     import jax
     import numpy as np
-    import torch
 
-    from dediffusion_jax.t2i import convert
     from dediffusion_jax.t2i.unet import UNet2DConditionModel, UNetConfig, dummy_inputs
 
     spec = PRESETS[preset]
@@ -103,6 +101,19 @@ def measure(preset: str, batch: int, repeats: int, devices: int = 1) -> dict[str
     steps = rng.integers(0, 1000, batch).astype(np.int32)
     text = rng.standard_normal((batch, spec["tokens"], config.cross_attention_dim)).astype(np.float32)
     weight = rng.standard_normal((batch, size, size, config.out_channels)).astype(np.float32)
+    return config, model, params, (sample, steps, text, weight)
+
+
+def measure(preset: str, batch: int, repeats: int, devices: int = 1) -> dict[str, Any]:
+    """Forward and text-state gradient, ours and diffusers', with the outputs' largest difference."""
+    import diffusers
+    import jax
+    import numpy as np
+    import torch
+
+    from dediffusion_jax.t2i import convert
+
+    config, model, params, (sample, steps, text, weight) = random_unet(preset, batch)
 
     forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
     text_grad = jax.jit(jax.grad(lambda c, p, x, t, w: (model.apply({"params": p}, x, t, c) * w).sum()))
@@ -185,14 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     for preset in presets:
         rows.append(measure(preset, args.batch or PRESETS[preset]["batch"], args.repeats, devices))
         print(json.dumps(rows[-1]), flush=True)
-    table = markdown(rows, env)
-    print(table, end="")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "unet_cpu.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
-        (out / "unet_cpu.md").write_text(table)
+    report(markdown(rows, env), env, rows, args.out, "unet_cpu")
     return 0
+
+
+def report(table: str, env: dict[str, Any], rows: list[dict[str, Any]], out: str | None, name: str) -> None:
+    """Prints the table; with `out`, writes it and the rows as NAME.md and NAME.json there."""
+    print(table, end="")
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+        (folder / f"{name}.md").write_text(table)
 
 
 if __name__ == "__main__":

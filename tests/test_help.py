@@ -31,6 +31,7 @@ ENTRY_POINTS = [
     (["bench/vocab_head.py", "--help"], True),
     (["bench/unet_cpu.py", "--help"], True),
     (["bench/unet_profile.py", "--help"], True),
+    (["bench/unet_ab.py", "--help"], True),
     (["launch/local.py", "--help"], True),
     (["launch/slurm_gpu.py", "--help"], True),
     (["launch/tpu_pod.py", "--help"], True),
