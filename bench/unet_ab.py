@@ -112,6 +112,7 @@ def applied(variant: str) -> Iterator[dict[str, Any]]:
 
 def measure(preset: str, variants: list[str], batch: int, rounds: int, calls: int, devices: int,
             rusage: bool) -> list[dict[str, Any]]:
+    """One summary row per variant: median times, the difference from the first, loops, CPU use."""
     import jax
     import numpy as np
 
@@ -199,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --preset {args.preset!r}: expected one of {', '.join(PRESETS)}", file=sys.stderr)
         return 2
     try:
-        if not variants:
-            raise ValueError("--variants: none given")
+        if not variants or len(set(variants)) != len(variants):
+            raise ValueError(f"--variants {args.variants!r}: give each variant once")
+        if args.rounds < 1 or args.calls < 1:
+            raise ValueError("--rounds and --calls: at least 1")
         for variant in variants:
             check_variant(variant)
     except ValueError as e:

@@ -45,6 +45,7 @@ def test_a_variant_changes_the_attention_only_while_it_is_traced(monkeypatch):
     ("attention:flash", "expected attention:plain or attention:loop"),
     ("loop-above:big", "expected loop-above:BYTES"),
     ("xla:xla_cpu_enable_fast_math", "expected xla:OPTION=VALUE"),
+    ("default,default", "give each variant once"),
 ])
 def test_an_unknown_variant_is_one_error_line(variants, message, capsys):
     assert unet_ab.main(["--preset", "tiny", "--variants", variants]) == 2
