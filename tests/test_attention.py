@@ -73,7 +73,8 @@ def test_auto_loops_on_cpu_only_for_large_logits(monkeypatch):
 
 
 def test_batch_sharded_loop_equals_one_device_and_gathers_nothing():
-    """With the batch over 8 devices, each iteration takes one example per device (no all-gather)."""
+    """With the batch over 8 devices, each iteration takes one example per device (no all-gather),
+    forward and backward."""
     assert jax.device_count() == 8
     q, k, v = _qkv(b=32)
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -84,6 +85,14 @@ def test_batch_sharded_loop_equals_one_device_and_gathers_nothing():
     assert "all-gather" not in fn.lower(*sharded).compile().as_text()
     single = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, scale=0.3, implementation="plain"))(q, k, v)
     np.testing.assert_allclose(fn(*sharded), single, atol=1e-5, rtol=1e-5)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.tanh(dot_product_attention(q, k, v, scale=0.3, implementation=impl)).sum()
+
+    grad = jax.jit(jax.grad(loss("loop"), argnums=(0, 1, 2)), in_shardings=(sharding,) * 3, out_shardings=sharding)
+    assert "all-gather" not in grad.lower(*sharded).compile().as_text()  # the flash backward too
+    for ours, plain in zip(grad(*sharded), jax.grad(loss("plain"), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(ours, plain, atol=1e-5, rtol=1e-4)
 
 
 def _both(monkeypatch, fn):

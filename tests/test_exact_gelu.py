@@ -1,11 +1,11 @@
-"""`nn_blocks.exact_gelu`: torch's erf GELU (the faster formula on XLA:CPU), in float32 and bfloat16."""
+"""`custom_grads.exact_gelu`: torch's erf GELU (the faster formula on XLA:CPU), in float32 and bfloat16."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from dediffusion_jax.t2i.nn_blocks import exact_gelu
+from dediffusion_jax.t2i.custom_grads import exact_gelu
 
 
 def test_it_matches_torch_and_jax_in_float32():

@@ -3,12 +3,16 @@
 Why a function of its own: on XLA:CPU the plain formulation is memory-bound. It materialises the
 [B, heads, Lq, Lk] logits, a broadcast of the scale, the softmax's exponentials and their quotient,
 each several times the size of the caches, and autodiff keeps them all for the backward pass. On CPU
-this module therefore loops over the batch (`jax.lax.map`) with a checkpointed body, so each
-iteration's logits stay in cache and the backward recomputes them per example (as flash attention
-does per block); it also divides the [.., Lq, D] output by the softmax's row sums instead of the
-[.., Lq, Lk] exponentials. What that buys on the world UNet and an SD2-shaped one is measured in
-bench/README.md ("Attention loop and GroupNorm"). Other backends keep the plain formulation, which
-their compilers fuse (and where a loop over the batch would serialise work).
+this module therefore loops over the batch (`jax.lax.map`), so each iteration's logits stay in
+cache, and divides the [.., Lq, D] output by the softmax's row sums instead of the [.., Lq, Lk]
+exponentials. Without a mask the loop has its own backward (`_flash`, as flash attention's): the
+forward keeps only the output and each row's log-sum-exp, the backward recomputes one example's
+probabilities at a time and transposes them in memory before the two matmuls that contract over the
+queries (XLA:CPU runs that contraction about 3x slower on the untransposed operand). With a mask the
+body is checkpointed instead (the backward recomputes each example's logits; autodiff does the rest).
+What each buys on the world UNet and an SD2-shaped one is measured in bench/README.md ("Attention loop
+and GroupNorm", "Custom backward passes"). Other backends keep the plain formulation, which their
+compilers fuse (and where a loop over the batch would serialise work).
 
 Numerics are the same up to float rounding (max |diff| ~1e-6 in float32): logits and softmax in
 float32, the probabilities cast to the value dtype before the second matmul, as before.
@@ -18,6 +22,7 @@ float32, the probabilities cast to the value dtype before the second matmul, as 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -80,22 +85,74 @@ def _normalised_late(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     return (out / exps.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
+def _split(t: jax.Array, samples: int) -> jax.Array:
+    """[B, ...] -> [B / samples, samples, ...]: the loop's steps first, the batch's sharded blocks kept."""
+    return jnp.swapaxes(t.reshape(samples, t.shape[0] // samples, *t.shape[1:]), 0, 1)
+
+
+def _merge(t: jax.Array) -> jax.Array:
+    """The inverse of `_split`."""
+    return jnp.swapaxes(t, 0, 1).reshape(-1, *t.shape[2:])
+
+
+def _flash_forward(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    """One step's output and its rows' log-sum-exp (float32), for the backward to rebuild the softmax."""
+    logits = jnp.einsum("...qd,...kd->...qk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
+    row_max = logits.max(axis=-1, keepdims=True)
+    exps = jnp.exp(logits - row_max)
+    sums = exps.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("...qk,...kd->...qd", exps.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / sums).astype(v.dtype), (row_max + jnp.log(sums))[..., 0]
+
+
+def _flash_backward_step(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array,
+                         d_out: jax.Array, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """dq, dk, dv of one step, from its probabilities recomputed in float32."""
+    q_scaled = q * jnp.asarray(scale, q.dtype)
+    logits = jnp.einsum("...qd,...kd->...qk", q_scaled, k, preferred_element_type=jnp.float32)
+    probs = jnp.exp(logits - lse[..., None])
+    d_probs = jnp.einsum("...qd,...kd->...qk", d_out, v, preferred_element_type=jnp.float32)
+    row_dot = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(axis=-1, keepdims=True)
+    d_logits = probs * (d_probs - row_dot)
+    dq = jnp.einsum("...qk,...kd->...qd", d_logits, k, preferred_element_type=jnp.float32) * scale
+    # Transposed in memory, and kept so by the barrier: folded back into the matmuls, these would
+    # contract the queries' (major) axis, which XLA:CPU runs about 3x slower.
+    probs_t, d_logits_t = jax.lax.optimization_barrier((jnp.swapaxes(probs, -1, -2), jnp.swapaxes(d_logits, -1, -2)))
+    dk = jnp.einsum("...kq,...qd->...kd", d_logits_t, q_scaled, preferred_element_type=jnp.float32)
+    dv = jnp.einsum("...kq,...qd->...kd", probs_t.astype(v.dtype), d_out, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, samples: int) -> jax.Array:
+    """The loop without a mask: `samples` examples per iteration, flash attention's backward."""
+    return _flash_fwd(q, k, v, scale, samples)[0]
+
+
+def _flash_fwd(q, k, v, scale, samples):
+    out, lse = jax.lax.map(lambda x: _flash_forward(*x, scale), tuple(_split(t, samples) for t in (q, k, v)))
+    out = _merge(out)
+    return out, (q, k, v, out, _merge(lse))
+
+
+def _flash_bwd(scale, samples, residuals, d_out):
+    steps = tuple(_split(t, samples) for t in (*residuals, d_out))
+    return tuple(_merge(t) for t in jax.lax.map(lambda x: _flash_backward_step(*x, scale), steps))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
 def _loop(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
           samples: int) -> jax.Array:
-    b = q.shape[0]
-    steps = b // samples
-
-    def split(t: jax.Array) -> jax.Array:  # [B, ...] -> [B / samples, samples, ...]
-        return jnp.swapaxes(t.reshape(samples, steps, *t.shape[1:]), 0, 1)
-
-    per_example_mask = mask is not None and mask.shape[0] == b
-    xs = (split(q), split(k), split(v), split(mask) if per_example_mask else None)
-    shared_mask = None if per_example_mask else mask
+    if mask is None:
+        return _flash(q, k, v, scale, samples)
+    per_example_mask = mask.shape[0] == q.shape[0]
+    xs = (*(_split(t, samples) for t in (q, k, v)), _split(mask, samples) if per_example_mask else None)
 
     @jax.checkpoint  # the backward recomputes each example's logits instead of stacking them all
     def body(x: tuple) -> jax.Array:
         qi, ki, vi, mi = x
-        return _normalised_late(qi, ki, vi, mi if per_example_mask else shared_mask, scale)
+        return _normalised_late(qi, ki, vi, mi if per_example_mask else mask, scale)
 
-    out = jax.lax.map(body, xs)
-    return jnp.swapaxes(out, 0, 1).reshape(b, *out.shape[2:])
+    return _merge(jax.lax.map(body, xs))

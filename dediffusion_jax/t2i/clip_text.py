@@ -36,7 +36,8 @@ import numpy as np
 
 from dediffusion_jax.t2i import convert
 from dediffusion_jax.t2i.attention import dot_product_attention
-from dediffusion_jax.t2i.nn_blocks import exact_gelu, heads_first, tokens_first
+from dediffusion_jax.t2i.custom_grads import exact_gelu
+from dediffusion_jax.t2i.nn_blocks import heads_first, tokens_first
 
 Array = jax.Array
 Dtype = Any

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dediffusion_jax.t2i import custom_grads
 from dediffusion_jax.t2i.attention import dot_product_attention
 
 Dtype = Any
@@ -39,8 +40,8 @@ class GroupNorm(nn.Module):
     Why not `nn.GroupNorm`: it reduces [B, HW, groups, C/groups] over two non-adjacent axes, which
     XLA:CPU runs slowly. Here the spatial axis is summed first, with the channels contiguous, and the
     [B, C] sums are then folded into groups, which XLA:CPU runs faster (bench/README.md, "Attention
-    loop and GroupNorm"). The variance is two-pass (mean of squared deviations), as flax's
-    `use_fast_variance=False`.
+    loop and GroupNorm"); the backward is written by hand (`custom_grads.group_norm`). The variance is
+    two-pass (mean of squared deviations), as flax's `use_fast_variance=False`.
     """
 
     num_groups: int
@@ -54,22 +55,26 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         flat = x.reshape(x.shape[0], -1, channels)
-        per_group = channels // self.num_groups
-        count = flat.shape[1] * per_group
+        return custom_grads.group_norm(flat, scale, bias, self.num_groups, self.epsilon).reshape(x.shape)
 
-        def group_mean(t: jax.Array) -> jax.Array:  # [B, L, C] -> [B, 1, C], each channel its group's mean
-            sums = t.sum(axis=1).reshape(-1, self.num_groups, per_group).sum(axis=-1) / count
-            return jnp.repeat(sums, per_group, axis=-1)[:, None, :]
 
-        centred = flat - group_mean(flat)
-        inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon)
-        return (centred * (inv_std * scale) + bias).reshape(x.shape)
+class LayerNorm(nn.Module):
+    """flax's LayerNorm (`use_fast_variance=False`, params `scale` and `bias`) with the backward of
+    `custom_grads.layer_norm`."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        return custom_grads.layer_norm(x, scale, bias, self.epsilon)
 
 
 def layer_norm(x: jax.Array, name: str, eps: float = 1e-5) -> jax.Array:
     """LayerNorm computed in float32, returned in x's dtype (call inside a compact method)."""
-    norm = nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
-    return norm(x.astype(jnp.float32)).astype(x.dtype)
+    return LayerNorm(eps, name=name)(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def conv(features: int, kernel: int, dtype: Dtype, *, stride: int = 1, padding: Any = None,
@@ -267,25 +272,16 @@ class Attention(nn.Module):
         return dense(x.shape[-1], self.dtype, name="to_out_0")(out)
 
 
-def exact_gelu(x: jax.Array) -> jax.Array:
-    """x * Phi(x) through erf, as torch computes it. jax.nn.gelu(approximate=False) goes through erfc,
-    which XLA:CPU evaluates about 2.5x slower (bench/README.md, "Cores as devices, and GELU through erf"); the two
-    agree within 1e-6 over [-12, 12] in float32. Computed in float32 whatever x's dtype (as torch does
-    for bfloat16): in bfloat16, 1 + erf(x) cancels to 0 below x = -3."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * np.float32(math.sqrt(0.5))))).astype(x.dtype)
-
-
 class GEGLU(nn.Module):
-    """`proj` to 2x the hidden size, split into value and gate; value * gelu(gate) (exact gelu)."""
+    """`proj` to 2x the hidden size, split into value and gate; value * gelu(gate) (exact gelu, the
+    backward of `custom_grads.geglu`)."""
 
     dim_out: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h, gate = jnp.split(dense(2 * self.dim_out, self.dtype, name="proj")(x), 2, axis=-1)
-        return h * exact_gelu(gate)
+        return custom_grads.geglu(dense(2 * self.dim_out, self.dtype, name="proj")(x))
 
 
 class FeedForward(nn.Module):

@@ -1,0 +1,96 @@
+"""custom_grads: the hand-written backward passes give autodiff's gradients of the same formulas.
+
+The forwards are the formulas the modules computed before (their parity with torch is tested in
+test_group_norm.py and test_unet.py), so a gradient equal to autodiff's carries that parity over.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dediffusion_jax.t2i import custom_grads
+
+
+def _reference_group_norm(x, scale, bias, groups, eps):
+    b, length, c = x.shape
+    grouped = x.reshape(b, length, groups, c // groups)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+    return ((grouped - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def _reference_layer_norm(x, scale, bias, eps):
+    mean = x.mean(axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(jnp.square(x - mean).mean(axis=-1, keepdims=True) + eps) * scale + bias
+
+
+def _reference_geglu(projected):
+    value, gate = jnp.split(projected, 2, axis=-1)
+    return value * jax.nn.gelu(gate.astype(jnp.float32), approximate=False).astype(gate.dtype)
+
+
+def _inputs(shape, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = 2.0 + 3.0 * jax.random.normal(keys[0], shape)  # an offset and a spread the norms must remove
+    scale = 1.0 + 0.5 * jax.random.normal(keys[1], shape[-1:])
+    bias = jax.random.normal(keys[2], shape[-1:])
+    weights = jax.random.normal(keys[3], shape)  # a loss that is not a plain sum
+    return x, scale, bias, weights
+
+
+def _assert_same_values_and_gradients(ours, reference, args, weights, atol):
+    np.testing.assert_allclose(ours(*args), reference(*args), atol=atol, rtol=atol)
+    argnums = tuple(range(len(args)))
+    mine = jax.jit(jax.grad(lambda *a: (jnp.tanh(ours(*a)) * weights).sum(), argnums))(*args)
+    theirs = jax.grad(lambda *a: (jnp.tanh(reference(*a)) * weights).sum(), argnums)(*args)
+    for m, t in zip(mine, theirs):
+        np.testing.assert_allclose(m, t, atol=atol, rtol=atol)
+        assert np.abs(np.asarray(t)).max() > 1e-3  # a gradient that is not trivially zero
+
+
+@pytest.mark.parametrize("groups", [1, 4, 32])
+def test_group_norm_gradients_equal_autodiff(groups):
+    x, scale, bias, weights = _inputs((3, 50, 64))
+    _assert_same_values_and_gradients(
+        lambda x, s, b: custom_grads.group_norm(x, s, b, groups, 1e-5),
+        lambda x, s, b: _reference_group_norm(x, s, b, groups, 1e-5), (x, scale, bias), weights, 2e-5)
+
+
+def test_layer_norm_gradients_equal_autodiff():
+    x, scale, bias, weights = _inputs((2, 3, 17, 40))
+    _assert_same_values_and_gradients(
+        lambda x, s, b: custom_grads.layer_norm(x, s, b, 1e-5),
+        lambda x, s, b: _reference_layer_norm(x, s, b, 1e-5), (x, scale, bias), weights, 2e-5)
+
+
+def test_geglu_gradients_equal_autodiff():
+    projected, _, _, weights = _inputs((2, 30, 48))
+    _assert_same_values_and_gradients(custom_grads.geglu, _reference_geglu, (projected,), weights[..., :24], 2e-5)
+
+
+def test_geglu_in_bfloat16_keeps_the_dtype_and_stays_close():
+    projected, _, _, weights = _inputs((2, 30, 48))
+    loss = lambda f: lambda p: (f(p).astype(jnp.float32) * weights[..., :24]).sum()  # noqa: E731
+    grad16 = jax.grad(loss(custom_grads.geglu))(projected.astype(jnp.bfloat16))
+    grad32 = jax.grad(loss(_reference_geglu))(projected)
+    assert grad16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(grad16, np.float32), grad32, atol=0.05, rtol=0.02)
+
+
+def test_norms_under_remat_and_a_batch_sharded_mesh_equal_one_device():
+    """The trainer's mesh splits the batch over devices; each example's statistics stay on its device."""
+    assert jax.device_count() == 8
+    x, scale, bias, weights = _inputs((8, 16, 32))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+    @jax.checkpoint
+    def block(x):
+        h = custom_grads.group_norm(x, scale, bias, 4, 1e-5)
+        return custom_grads.geglu(custom_grads.layer_norm(h, scale, bias, 1e-5))
+
+    grad = jax.grad(lambda x, w: (block(x) * w).sum())
+    sharded = jax.jit(grad, in_shardings=(batch, batch), out_shardings=batch)
+    assert "all-gather" not in sharded.lower(x, weights[..., :16]).compile().as_text()
+    np.testing.assert_allclose(sharded(x, weights[..., :16]), jax.jit(grad)(x, weights[..., :16]), atol=1e-5, rtol=1e-5)
