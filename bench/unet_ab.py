@@ -180,7 +180,7 @@ def measure(preset: str, variants: list[str], batch: int, rounds: int, calls: in
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     extra = "minor_faults_per_call" in rows[0]
     head = (f"{env['date']}, {env['cores']} cores, jax {env['jax']}, {env['rounds']} rounds x {env['calls']} calls, "
-            f"load average {env['load_average']}\n\n"
+            f"load average {env['load_average']}, GLIBC_TUNABLES {env['glibc_tunables']!r}\n\n"
             "| preset | batch | devices | variant | forward ms | forward + text gradient ms | max diff vs first | loops |"
             + (" minor faults / call | user ms / call | system ms / call |" if extra else "") + "\n"
             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if extra else "") + "\n")
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     devices = min(cpu_devices.split_cpu(args.devices), jax.device_count())
     env = {"cores": os.cpu_count(), "jax": jax.__version__, "rounds": args.rounds, "calls": args.calls,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "load_average": [round(v, 1) for v in os.getloadavg()]}
+           "load_average": [round(v, 1) for v in os.getloadavg()],
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     try:
         rows = measure(args.preset, variants, args.batch or PRESETS[args.preset]["batch"], args.rounds,
                        args.calls, devices, args.rusage)

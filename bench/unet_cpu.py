@@ -6,7 +6,10 @@
 Times the two things the De-Diffusion step asks of its frozen UNet: the forward, and the forward +
 gradient with respect to the text states (the encoder's signal; no weight gradients). Both sides are
 float32, torch with SDPA attention at `--torch-threads`; each figure is the median of `--repeats`
-calls after one warm-up (our compile is reported apart). The outputs are compared as a parity check.
+calls after one warm-up (our compile is reported apart), ours and torch's calls alternating so that
+a slow spell of a shared machine hits both sides alike. The outputs are compared as a parity check.
+Run it as `make` runs everything, with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (bench/README.md, "Huge
+pages"); the setting in force is recorded with the figures.
 `DEDIFFUSION_ATTENTION=plain` times our attention without the CPU loop (t2i/attention.py).
 
 Ours runs data parallel over `--devices` CPU devices (default: one per core, `cpu_devices.split_cpu`),
@@ -73,14 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _alternating_medians_ms(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median milliseconds of each, after one warm-up each, their calls alternating."""
+    ours(), theirs()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for fn, out in zip((ours, theirs), times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
 
 
 def random_unet(preset: str, batch: int) -> tuple[Any, Any, Any, tuple[Any, ...]]:
@@ -147,13 +152,10 @@ def measure(preset: str, batch: int, repeats: int, devices: int = 1) -> dict[str
 
     for p in theirs.parameters():
         p.requires_grad_(False)  # frozen, as in the step: input gradients only
-    rows = {
-        "ours_forward_ms": _median_ms(lambda: forward(params, *args).block_until_ready(), repeats),
-        "torch_forward_ms": _median_ms(torch_forward, repeats),
-        "ours_text_grad_ms": _median_ms(lambda: text_grad(args[2], params, args[0], args[1],
-                                                           ours_weight).block_until_ready(), repeats),
-        "torch_text_grad_ms": _median_ms(torch_grad, repeats),
-    }
+    rows = dict(zip(("ours_forward_ms", "torch_forward_ms"), _alternating_medians_ms(
+        lambda: forward(params, *args).block_until_ready(), torch_forward, repeats)))
+    rows.update(zip(("ours_text_grad_ms", "torch_text_grad_ms"), _alternating_medians_ms(
+        lambda: text_grad(args[2], params, args[0], args[1], ours_weight).block_until_ready(), torch_grad, repeats)))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     return {"preset": preset, "batch": batch, "devices": mesh.size, "params_m": round(n_params / 1e6, 2), "compile_s": round(compile_s, 1),
             **{k: round(v, 1) for k, v in rows.items()},
@@ -164,7 +166,8 @@ def measure(preset: str, batch: int, repeats: int, devices: int = 1) -> dict[str
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     head = (f"CPU, {env['cores']} cores, torch threads {env['torch_threads']}, jax {env['jax']}, torch {env['torch']}, "
-            f"{env['date']}; our attention {env['attention']}; median of {env['repeats']} calls\n\n"
+            f"{env['date']}; our attention {env['attention']}; GLIBC_TUNABLES {env['glibc_tunables']!r}; "
+            f"median of {env['repeats']} alternating calls\n\n"
             "| preset | batch | our devices | params (M) | forward ours / torch ms "
             "| ratio | forward + text gradient ours / torch ms | ratio | outputs max diff |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head] + [f"| {r['preset']} | {r['batch']} | {r['devices']} | {r['params_m']} | {r['ours_forward_ms']} / {r['torch_forward_ms']} "
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {"cores": os.cpu_count(), "torch_threads": threads, "jax": jax.__version__,
            "torch": torch.__version__.split("+")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "repeats": args.repeats, "load_average": [round(x, 1) for x in os.getloadavg()],
-           "attention": os.environ.get("DEDIFFUSION_ATTENTION", "auto")}
+           "attention": os.environ.get("DEDIFFUSION_ATTENTION", "auto"),
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     rows = []
     for preset in presets:
         rows.append(measure(preset, args.batch or PRESETS[preset]["batch"], args.repeats, devices))

@@ -7,8 +7,8 @@ this module therefore loops over the batch (`jax.lax.map`), so each iteration's 
 cache, and divides the [.., Lq, D] output by the softmax's row sums instead of the [.., Lq, Lk]
 exponentials. Without a mask the loop has its own backward (`_flash`, as flash attention's): the
 forward keeps only the output and each row's log-sum-exp, the backward recomputes one example's
-probabilities at a time and transposes them in memory before the two matmuls that contract over the
-queries (XLA:CPU runs that contraction about 3x slower on the untransposed operand). With a mask the
+probabilities at a time and computes dk and dv transposed, so that no matmul contracts the major
+axis of a [Lq, Lk] left operand (XLA:CPU runs those about 3x slower). With a mask the
 body is checkpointed instead (the backward recomputes each example's logits; autodiff does the rest).
 What each buys on the world UNet and an SD2-shaped one is measured in bench/README.md ("Attention loop
 and GroupNorm", "Custom backward passes"). Other backends keep the plain formulation, which their
@@ -115,11 +115,14 @@ def _flash_backward_step(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Arra
     row_dot = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(axis=-1, keepdims=True)
     d_logits = probs * (d_probs - row_dot)
     dq = jnp.einsum("...qk,...kd->...qd", d_logits, k, preferred_element_type=jnp.float32) * scale
-    # Transposed in memory, and kept so by the barrier: folded back into the matmuls, these would
-    # contract the queries' (major) axis, which XLA:CPU runs about 3x slower.
-    probs_t, d_logits_t = jax.lax.optimization_barrier((jnp.swapaxes(probs, -1, -2), jnp.swapaxes(d_logits, -1, -2)))
-    dk = jnp.einsum("...kq,...qd->...kd", d_logits_t, q_scaled, preferred_element_type=jnp.float32)
-    dv = jnp.einsum("...kq,...qd->...kd", probs_t.astype(v.dtype), d_out, preferred_element_type=jnp.float32)
+    # dk and dv contract the queries, the major axis of the [Lq, Lk] arrays, which XLA:CPU runs about
+    # 3x slower as a matmul's left operand. So they are computed transposed, dk^T = q^T d_logits and
+    # dv^T = dO^T probs, with the [Lq, Lk] arrays as the right operand, where that axis belongs; only
+    # the small [Lq, D] operands are transposed (the barrier keeps XLA from folding it back).
+    q_t, d_out_t = jax.lax.optimization_barrier((jnp.swapaxes(q_scaled, -1, -2), jnp.swapaxes(d_out, -1, -2)))
+    dk = jnp.swapaxes(jnp.einsum("...dq,...qk->...dk", q_t, d_logits, preferred_element_type=jnp.float32), -1, -2)
+    dv = jnp.swapaxes(jnp.einsum("...dq,...qk->...dk", d_out_t, probs.astype(v.dtype),
+                                 preferred_element_type=jnp.float32), -1, -2)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
