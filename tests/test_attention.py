@@ -59,6 +59,24 @@ def test_loop_in_bfloat16_stays_close_to_plain(one_example_per_iteration):
     np.testing.assert_allclose(np.asarray(loop, np.float32), np.asarray(plain, np.float32), atol=0.125, rtol=0.02)
 
 
+def test_loop_gradients_in_bfloat16_keep_the_dtypes_and_stay_close_to_float32(one_example_per_iteration):
+    """The flash backward computes in float32 and returns each input's dtype (q and k float32 as
+    `upcast` leaves them, v bfloat16)."""
+    q, k, v = _qkv()
+    weights = jax.random.normal(jax.random.key(9), q.shape)
+
+    def grads(v, impl):
+        loss = lambda q, k, v: (dot_product_attention(q, k, v, scale=0.3, implementation=impl)  # noqa: E731
+                                .astype(jnp.float32) * weights).sum()
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    mixed = grads(v.astype(jnp.bfloat16), "loop")
+    assert [g.dtype for g in mixed] == [jnp.float32, jnp.float32, jnp.bfloat16]
+    for g_mixed, g_exact in zip(mixed, grads(v, "plain")):
+        scale = float(jnp.abs(g_exact).max())
+        np.testing.assert_allclose(np.asarray(g_mixed, np.float32) / scale, g_exact / scale, atol=0.03)
+
+
 def test_auto_loops_on_cpu_only_for_large_logits(monkeypatch):
     monkeypatch.setattr(attention, "_samples_per_iteration", lambda batch: 1)
     monkeypatch.delenv("DEDIFFUSION_ATTENTION", raising=False)
