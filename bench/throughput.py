@@ -240,7 +240,10 @@ def make_setup(preset: Preset, spec: DecoderSpec, decoder_params: dict, dtype: s
     config = run_config(preset, dtype, remat)
     model, init_params, _ = model_build.build_model(config, spec)
     backbone = lambda: model_build.frozen_backbone(config, init_params, None)  # noqa: E731
-    frozen = {"decoder": decoder_params, **(jax.eval_shape(backbone) if abstract else backbone())}
+    # As the trainer does: the UNet's kernels pre-flipped where config.decoder.flip_conv_kernels says (CPU).
+    flipped = lambda: model_build.frozen_unet_input_grad_kernels(config, decoder_params["unet"])  # noqa: E731
+    frozen = {"decoder": {**decoder_params, **(jax.eval_shape(flipped) if abstract else flipped())},
+              **(jax.eval_shape(backbone) if abstract else backbone())}
     return Setup(spec, config, model, init_params, frozen, mesh)
 
 

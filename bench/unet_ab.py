@@ -15,7 +15,9 @@ Variants (comma-separated):
 - xla:OPTION=VALUE: one XLA compile option for this variant's programs
   (`compile(compiler_options=...)`), e.g. xla:xla_cpu_enable_fast_math=true;
 - attention:plain or attention:loop: t2i/attention.py's implementation for every call;
-- loop-above:BYTES: `attention.LOOP_ABOVE_BYTES`, the logits size above which the CPU loops.
+- loop-above:BYTES: `attention.LOOP_ABOVE_BYTES`, the logits size above which the CPU loops;
+- flipped-kernels: the convolutions' kernels flipped once for the input gradient and passed beside
+  the params (`nn_blocks.input_gradient_kernels`), as the trainer does for its frozen UNet.
 
 Reports, per variant, the median forward and forward + text-gradient times, and the largest
 difference of its outputs and gradients from the first variant's, and the number of loops in its
@@ -42,7 +44,7 @@ if __package__ in (None, ""):
 
 from dediffusion_jax.cli_flags import answer_help_early
 
-VARIANT_KINDS = ("default", "xla", "attention", "loop-above")
+VARIANT_KINDS = ("default", "xla", "attention", "loop-above", "flipped-kernels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +80,8 @@ def check_variant(variant: str) -> None:
     kind, _, value = variant.partition(":")
     if kind not in VARIANT_KINDS:
         raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANT_KINDS)} (KIND:VALUE)")
-    if kind == "default" and value:
-        raise ValueError(f"variant {variant!r}: default takes no value")
+    if kind in ("default", "flipped-kernels") and value:
+        raise ValueError(f"variant {variant!r}: {kind} takes no value")
     if kind == "xla" and (not value.partition("=")[0] or "=" not in value):
         raise ValueError(f"variant {variant!r}: expected xla:OPTION=VALUE")
     if kind == "attention" and value not in ("plain", "loop"):
@@ -117,19 +119,26 @@ def measure(preset: str, variants: list[str], batch: int, rounds: int, calls: in
     import numpy as np
 
     from bench.unet_cpu import random_unet
+    from dediffusion_jax.t2i import nn_blocks
 
     _, model, params, (sample, steps, text, weight) = random_unet(preset, batch)
     used = max(n for n in range(1, devices + 1) if batch % n == 0)  # the most that split the batch
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:used]), ("data",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    params_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.device_put(params, params_sharding)
     x, t, c, w = (jax.device_put(a, split) for a in (sample, steps, text, weight))
 
-    programs, loops = {}, {}
+    flipped = jax.device_put(nn_blocks.input_gradient_kernels(params), params_sharding)
+    programs, loops, variables = {}, {}, {}
     for variant in variants:
+        variables[variant] = {"params": params}
+        if variant == "flipped-kernels":
+            variables[variant][nn_blocks.INPUT_GRAD_KERNELS] = flipped
+
         # Fresh functions per variant: jax caches a trace per function, and a variant changes tracing.
         def forward(p, x, t, c):
-            return model.apply({"params": p}, x, t, c)
+            return model.apply(p, x, t, c)
 
         def text_grad(c, p, x, t, w):
             return jax.grad(lambda c: (forward(p, x, t, c) * w).sum())(c)
@@ -137,19 +146,23 @@ def measure(preset: str, variants: list[str], batch: int, rounds: int, calls: in
         with applied(variant) as options:
             start = time.perf_counter()
             programs[variant] = (
-                jax.jit(forward).lower(params, x, t, c).compile(compiler_options=options),
-                jax.jit(text_grad).lower(c, params, x, t, w).compile(compiler_options=options))
+                jax.jit(forward).lower(variables[variant], x, t, c).compile(compiler_options=options),
+                jax.jit(text_grad).lower(c, variables[variant], x, t, w).compile(compiler_options=options))
             print(f"{variant}: compiled in {time.perf_counter() - start:.1f} s", flush=True)
         loops[variant] = programs[variant][1].as_text().count(" while(")
-    fwd_args, grad_args = (params, x, t, c), (c, params, x, t, w)
-    reference = [np.asarray(f(*a)) for f, a in zip(programs[variants[0]], (fwd_args, grad_args))]
+
+    def arguments(variant: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        return (variables[variant], x, t, c), (c, variables[variant], x, t, w)
+
+    reference = [np.asarray(f(*a)) for f, a in zip(programs[variants[0]], arguments(variants[0]))]
     rows = {v: {"variant": v, "forward_ms": [], "text_grad_ms": [], "faults": 0, "user_s": 0.0, "system_s": 0.0,
                 "max_abs_diff": max(float(np.abs(np.asarray(f(*a)) - r).max())
-                                    for f, a, r in zip(programs[v], (fwd_args, grad_args), reference))}
+                                    for f, a, r in zip(programs[v], arguments(v), reference))}
             for v in variants}
     for _ in range(rounds):
         for variant, (fwd, grad) in programs.items():
             row = rows[variant]
+            fwd_args, grad_args = arguments(variant)
             for _ in range(calls):
                 start = time.perf_counter()
                 jax.block_until_ready(fwd(*fwd_args))

@@ -8,6 +8,8 @@ gradient with respect to the text states (the encoder's signal; no weight gradie
 float32, torch with SDPA attention at `--torch-threads`; each figure is the median of `--repeats`
 calls after one warm-up (our compile is reported apart), ours and torch's calls alternating so that
 a slow spell of a shared machine hits both sides alike. The outputs are compared as a parity check.
+Our gradient gets the convolution kernels flipped once beside the params, as the train step does on
+CPU (config `decoder.flip_conv_kernels`, t2i/custom_grads.py).
 Run it as `make` runs everything, with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (bench/README.md, "Huge
 pages"); the setting in force is recorded with the figures.
 `DEDIFFUSION_ATTENTION=plain` times our attention without the CPU loop (t2i/attention.py).
@@ -116,21 +118,25 @@ def measure(preset: str, batch: int, repeats: int, devices: int = 1) -> dict[str
     import numpy as np
     import torch
 
-    from dediffusion_jax.t2i import convert
+    from dediffusion_jax.t2i import convert, nn_blocks
 
     config, model, params, (sample, steps, text, weight) = random_unet(preset, batch)
 
     forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
-    text_grad = jax.jit(jax.grad(lambda c, p, x, t, w: (model.apply({"params": p}, x, t, c) * w).sum()))
+    # The gradient as the train step runs it on CPU: the kernels flipped once, beside the params
+    # (config.decoder.flip_conv_kernels, t2i/custom_grads.py).
+    text_grad = jax.jit(jax.grad(lambda c, v, x, t, w: (model.apply(v, x, t, c) * w).sum()))
     used = max(n for n in range(1, devices + 1) if batch % n == 0)  # the most that split the batch
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:used]), ("data",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    variables = {"params": params, nn_blocks.INPUT_GRAD_KERNELS: jax.device_put(
+        nn_blocks.input_gradient_kernels(params), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))}
     args = [jax.device_put(a, split) for a in (sample, steps, text)]
     ours_weight = jax.device_put(weight, split)
     start = time.perf_counter()
     ours_out = np.asarray(forward(params, *args))
-    jax.block_until_ready(text_grad(args[2], params, args[0], args[1], ours_weight))
+    jax.block_until_ready(text_grad(args[2], variables, args[0], args[1], ours_weight))
     compile_s = time.perf_counter() - start
 
     theirs = diffusers.UNet2DConditionModel.from_config(config.to_dict()).eval()
@@ -155,7 +161,7 @@ def measure(preset: str, batch: int, repeats: int, devices: int = 1) -> dict[str
     rows = dict(zip(("ours_forward_ms", "torch_forward_ms"), _alternating_medians_ms(
         lambda: forward(params, *args).block_until_ready(), torch_forward, repeats)))
     rows.update(zip(("ours_text_grad_ms", "torch_text_grad_ms"), _alternating_medians_ms(
-        lambda: text_grad(args[2], params, args[0], args[1], ours_weight).block_until_ready(), torch_grad, repeats)))
+        lambda: text_grad(args[2], variables, args[0], args[1], ours_weight).block_until_ready(), torch_grad, repeats)))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     return {"preset": preset, "batch": batch, "devices": mesh.size, "params_m": round(n_params / 1e6, 2), "compile_s": round(compile_s, 1),
             **{k: round(v, 1) for k, v in rows.items()},

@@ -28,7 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.imports = ()
 
     # Frozen text-to-image decoder: a diffusers-format folder (SD 1.x/2.x, or the miniworld decoder).
-    c.decoder = ml_collections.ConfigDict(dict(path=""))
+    c.decoder = ml_collections.ConfigDict(dict(
+        path="",
+        # The UNet's convolution kernels flipped once for its input gradient: auto (CPU only) | on | off.
+        flip_conv_kernels="auto"))
 
     # Encoder backbone. ABLATIONS: backbone.init='' = random init; backbone.frozen=False trains it.
     c.backbone = ml_collections.ConfigDict(dict(
@@ -109,6 +112,8 @@ FIELD_DOCS: dict[str, str] = {
     "imports": "modules imported before data and evaluators are built (how a project registers "
                "its data sources and evaluators)",
     "decoder.path": "the frozen text-to-image decoder: a diffusers-format folder",
+    "decoder.flip_conv_kernels": "flip the frozen UNet's convolution kernels once for its input gradient "
+                                 "instead of in every step: auto (CPU devices only) | on | off",
     "backbone.variant": "ViT of the encoder: <Ti|S|B|L|H>/<patch>",
     "backbone.image_size": "image size the backbone sees (pixels)",
     "backbone.init": "a transformers CLIPVisionModel folder to load; '' = random init (ablation)",

@@ -9,7 +9,7 @@ from dediffusion_jax.t2i import attention
 
 
 def test_variants_time_in_turn_and_compute_the_same_unet(tmp_path):
-    variants = "default,attention:plain,loop-above:0,xla:xla_cpu_enable_fast_math=false"
+    variants = "default,attention:plain,loop-above:0,xla:xla_cpu_enable_fast_math=false,flipped-kernels"
     # batch 16 over the test session's 8 CPU devices: 2 examples a device, so the attention can loop
     assert unet_ab.main(["--preset", "tiny", "--batch", "16", "--variants", variants, "--rounds", "1",
                          "--calls", "1", "--rusage", "--out", str(tmp_path)]) == 0
@@ -17,7 +17,7 @@ def test_variants_time_in_turn_and_compute_the_same_unet(tmp_path):
     assert [r["variant"] for r in rows] == variants.split(",")
     # each variant is its own program: tiny logits stay under the default threshold, `loop-above:0`
     # loops every attention (forward and backward)
-    assert [r["loops_in_gradient"] for r in rows] == [0, 0, rows[2]["loops_in_gradient"], 0]
+    assert [r["loops_in_gradient"] for r in rows] == [0, 0, rows[2]["loops_in_gradient"], 0, 0]
     assert rows[2]["loops_in_gradient"] >= 2
     for row in rows:
         assert row["forward_ms"] > 0 and row["text_grad_ms"] > 0
@@ -41,11 +41,12 @@ def test_a_variant_changes_the_attention_only_while_it_is_traced(monkeypatch):
 
 
 @pytest.mark.parametrize("variants, message", [
-    ("fast", "variant 'fast': expected one of default, xla, attention, loop-above"),
+    ("fast", "variant 'fast': expected one of default, xla, attention, loop-above, flipped-kernels"),
     ("attention:flash", "expected attention:plain or attention:loop"),
     ("loop-above:big", "expected loop-above:BYTES"),
     ("xla:xla_cpu_enable_fast_math", "expected xla:OPTION=VALUE"),
     ("default,default", "give each variant once"),
+    ("flipped-kernels:yes", "flipped-kernels takes no value"),
 ])
 def test_an_unknown_variant_is_one_error_line(variants, message, capsys):
     assert unet_ab.main(["--preset", "tiny", "--variants", variants]) == 2

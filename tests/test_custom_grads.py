@@ -94,3 +94,58 @@ def test_norms_under_remat_and_a_batch_sharded_mesh_equal_one_device():
     sharded = jax.jit(grad, in_shardings=(batch, batch), out_shardings=batch)
     assert "all-gather" not in sharded.lower(x, weights[..., :16]).compile().as_text()
     np.testing.assert_allclose(sharded(x, weights[..., :16]), jax.jit(grad)(x, weights[..., :16]), atol=1e-5, rtol=1e-5)
+
+
+# The convolution with pre-flipped kernels: (input size, kernel, stride, padding) as the UNet and VAE
+# use them (3x3 same, 1x1, diffusers' stride-2 downsampling with padding 0 = right/bottom by one, and
+# symmetric stride 2), on odd sizes too.
+CONV_CASES = [((9, 9), 3, 1, ((1, 1), (1, 1))), ((8, 6), 1, 1, ((0, 0), (0, 0))),
+              ((8, 8), 3, 2, ((0, 1), (0, 1))), ((9, 7), 3, 2, ((1, 1), (1, 1)))]
+
+
+@pytest.mark.parametrize("size,k,stride,padding", CONV_CASES)
+def test_conv_with_a_pre_flipped_kernel_has_autodiffs_gradients(size, k, stride, padding):
+    keys = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(keys[0], (2, *size, 6))
+    kernel = jax.random.normal(keys[1], (k, k, 6, 5)) / k
+    flipped = custom_grads.flip_for_input_gradient(kernel)
+    strides = (stride, stride)
+    plain = lambda x, w: custom_grads.conv2d_plain(x, w, strides, padding)  # noqa: E731
+    ours = lambda x, w: custom_grads.conv2d(x, w, flipped, strides, padding)  # noqa: E731
+    weights = jax.random.normal(keys[2], plain(x, kernel).shape)
+    _assert_same_values_and_gradients(ours, plain, (x, kernel), weights, 1e-5)
+
+
+def test_the_flipped_kernel_removes_the_kernel_copies_from_the_compiled_gradient():
+    """What the pre-flipped kernel is for: the input gradient's program has no `reverse` left."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 32))
+    pads = ((1, 1), (1, 1))
+
+    def hlo(loss, *args):
+        return jax.jit(jax.grad(loss)).lower(*args).compile().as_text()
+
+    per_call = hlo(lambda x, w: custom_grads.conv2d_plain(x, w, (1, 1), pads).sum(), x, kernel)
+    flipped = custom_grads.flip_for_input_gradient(kernel)
+    once = hlo(lambda x, w, f: custom_grads.conv2d(x, w, f, (1, 1), pads).sum(), x, kernel, flipped)
+    assert " reverse(" in per_call
+    assert " reverse(" not in once
+
+
+def test_conv_with_a_pre_flipped_kernel_on_a_batch_sharded_mesh_equals_one_device():
+    x = jax.random.normal(jax.random.key(2), (8, 8, 8, 16))
+    kernel = jax.random.normal(jax.random.key(3), (3, 3, 16, 16)) / 3
+    flipped = custom_grads.flip_for_input_gradient(kernel)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    @jax.checkpoint
+    def block(x, w, f):
+        h = custom_grads.conv2d(x, w, f, (1, 1), ((1, 1), (1, 1)))
+        return custom_grads.conv2d(jnp.tanh(h), w, f, (2, 2), ((0, 1), (0, 1)))
+
+    grad = jax.grad(lambda x, w, f: jnp.sin(block(x, w, f)).sum())
+    sharded = jax.jit(grad, in_shardings=(batch, replicated, replicated), out_shardings=batch)
+    assert "all-gather" not in sharded.lower(x, kernel, flipped).compile().as_text()
+    np.testing.assert_allclose(sharded(x, kernel, flipped), jax.jit(grad)(x, kernel, flipped), atol=1e-5, rtol=1e-5)

@@ -375,3 +375,26 @@ def test_sharded_steps_with_the_diversity_term_match_one_device(decoder):
     np.testing.assert_allclose(float(m8["slot_usage_entropy"]), float(m1["slot_usage_entropy"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+
+
+def test_the_unets_kernels_flipped_once_give_the_same_loss_and_encoder_gradient(built):
+    """config.decoder.flip_conv_kernels: the trainer hands the step the UNet's kernels pre-flipped
+    (on CPU by default); the loss and the encoder's gradient are the ones of the plain UNet."""
+    model, params, frozen = built
+    batch, rng, temp = make_batch(), jax.random.key(5), jnp.float32(1.0)
+    config = tiny_config()
+    config.decoder = {"flip_conv_kernels": "auto"}
+    extra = build.frozen_unet_input_grad_kernels(config, frozen["decoder"]["unet"])
+    assert list(extra) == [build.UNET_INPUT_GRAD_KERNELS]  # auto: on, these are CPU devices
+    flipped = {"decoder": {**frozen["decoder"], **extra}}
+    value_and_grad = jax.jit(jax.value_and_grad(lambda p, f: model.loss(p, f, batch, rng, temp)[0]))
+    loss, grads = value_and_grad(params, frozen)
+    loss_flipped, grads_flipped = value_and_grad(params, flipped)
+    np.testing.assert_allclose(loss_flipped, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_flipped), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    config.decoder.flip_conv_kernels = "off"
+    assert build.frozen_unet_input_grad_kernels(config, frozen["decoder"]["unet"]) == {}
+    config.decoder.flip_conv_kernels = "always"
+    with pytest.raises(ValueError, match="flip_conv_kernels='always'; choose one of auto, on, off"):
+        build.frozen_unet_input_grad_kernels(config, frozen["decoder"]["unet"])

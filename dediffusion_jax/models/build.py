@@ -29,8 +29,9 @@ import ml_collections
 
 from dediffusion_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from dediffusion_jax.models import quantizer, vit
-from dediffusion_jax.models.dediffusion import DeDiffusion
+from dediffusion_jax.models.dediffusion import UNET_INPUT_GRAD_KERNELS, DeDiffusion
 from dediffusion_jax.models.encoder import DeDiffusionEncoder, EncoderConfig
+from dediffusion_jax.t2i import nn_blocks
 from dediffusion_jax.t2i.folder import DecoderSpec
 
 
@@ -182,3 +183,22 @@ def frozen_backbone(config: ml_collections.ConfigDict, init_params: Any,
         return {"backbone": pretrained}
     key = jax.random.key(int(config.seed))
     return {"backbone": jax.jit(lambda k: init_params(k)["backbone"])(key)}
+
+
+FLIP_CONV_KERNELS = ("auto", "on", "off")
+
+
+def frozen_unet_input_grad_kernels(config: ml_collections.ConfigDict, unet_params: Any) -> dict[str, Any]:
+    """{UNET_INPUT_GRAD_KERNELS: the frozen UNet's convolution kernels flipped once} when
+    config.decoder.flip_conv_kernels asks for it, else {} (see t2i/custom_grads.py, "convolution").
+
+    "auto" flips on CPU devices only: XLA:CPU copies every kernel flipped inside every call of the
+    UNet's input gradient (-4.6% of the SD2-shaped UNet's forward + text gradient once they are made
+    here, bench/README.md), while GPU and TPU convolution kernels read the kernel as it is, so there
+    the copies would only cost memory (a second copy of the convolution kernels)."""
+    mode = str(config.get("decoder", {}).get("flip_conv_kernels", "auto"))
+    if mode not in FLIP_CONV_KERNELS:
+        raise ValueError(f"decoder.flip_conv_kernels={mode!r}; choose one of {', '.join(FLIP_CONV_KERNELS)}")
+    if mode == "off" or (mode == "auto" and jax.default_backend() != "cpu"):
+        return {}
+    return {UNET_INPUT_GRAD_KERNELS: jax.jit(nn_blocks.input_gradient_kernels)(unet_params)}

@@ -25,7 +25,7 @@ import numpy as np
 
 from dediffusion_jax.models import quantizer
 from dediffusion_jax.models.encoder import DeDiffusionEncoder
-from dediffusion_jax.t2i import clip_text, schedules
+from dediffusion_jax.t2i import clip_text, nn_blocks, schedules
 from dediffusion_jax.t2i import vae as vae_lib
 from dediffusion_jax.t2i.folder import DecoderSpec
 
@@ -35,6 +35,9 @@ REDUCTIONS = ("mean", "log_mean")
 # Token statistics (entropy, distinct tokens) are computed on at most this many examples, so that the
 # dense [B, N, V] logits they need stay small at V = 49,408.
 STATS_EXAMPLES = 16
+# Optional key of frozen["decoder"]: the UNet's convolution kernels flipped once for its input
+# gradient (nn_blocks.input_gradient_kernels; models.build.frozen_unet_input_grad_kernels decides).
+UNET_INPUT_GRAD_KERNELS = "unet_input_grad_kernels"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -45,7 +48,7 @@ class DeDiffusion:
     Param trees passed to the methods:
       trainable: the encoder params that get gradients ({"pooler", "vocab_head"} and, when the backbone
         is trained, "backbone");
-      frozen: {"backbone"?: ..., "decoder": {"text_encoder", "unet", "vae"?}}.
+      frozen: {"backbone"?: ..., "decoder": {"text_encoder", "unet", "vae"?, UNET_INPUT_GRAD_KERNELS?}}.
     """
 
     encoder: DeDiffusionEncoder
@@ -193,6 +196,14 @@ class DeDiffusion:
             frozen["decoder"]["vae"], self.decoder.vae_config, batch["decoder"], rng,
             dtype=self.decoder.dtype)
 
+    @staticmethod
+    def unet_variables(frozen: Any) -> dict[str, Any]:
+        """The frozen UNet's variables: its params, and its pre-flipped convolution kernels if given."""
+        variables = {"params": frozen["decoder"]["unet"]}
+        if UNET_INPUT_GRAD_KERNELS in frozen["decoder"]:
+            variables[nn_blocks.INPUT_GRAD_KERNELS] = frozen["decoder"][UNET_INPUT_GRAD_KERNELS]
+        return variables
+
     def loss(
         self,
         trainable: Any,
@@ -217,7 +228,7 @@ class DeDiffusion:
                                                   self.timestep_range_final, progress)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
         x_t = schedules.add_noise(schedule, x0, noise, t)
-        pred = self.decoder.unet.apply({"params": frozen["decoder"]["unet"]}, x_t, t, states)
+        pred = self.decoder.unet.apply(self.unet_variables(frozen), x_t, t, states)
         target = schedules.training_target(schedule, x0, noise, t)
         per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
         denoising = jnp.mean(per_example)

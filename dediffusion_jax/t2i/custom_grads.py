@@ -141,3 +141,58 @@ def _geglu_bwd(projected, d_out):
 
 
 geglu.defvjp(_geglu_fwd, _geglu_bwd)
+
+
+# ---------------------------------------------------------------------------------------- convolution
+#
+# The input gradient of a convolution is a convolution of the output's cotangent with the kernel
+# reversed in space and with its input and output channels swapped. XLA makes that copy of every
+# kernel inside every call (on CPU one `transpose_copy_fusion` per kernel, about 3-4% of the
+# SD2-shaped UNet's gradient, bench/README.md). The decoder is frozen, so a caller can make the copies
+# once (`flip_for_input_gradient`) and pass them in; `conv2d` then uses them in its backward.
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv2d_plain(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """flax's `nn.Conv` without bias: NHWC input, HWIO kernel, explicit padding."""
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+def flip_for_input_gradient(kernel: jax.Array) -> jax.Array:
+    """[kh, kw, in, out] -> [kh, kw, out, in] reversed in space: the kernel of the input gradient."""
+    return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+
+
+def _input_gradient_padding(size_in: int, size_out: int, k: int, stride: int,
+                            pad: tuple[int, int]) -> tuple[int, int]:
+    """Padding of the stride-dilated cotangent so that the flipped kernel gives back size_in."""
+    before = k - 1 - pad[0]
+    return before, size_in + k - 1 - ((size_out - 1) * stride + 1) - before
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv2d(x: jax.Array, kernel: jax.Array, flipped: jax.Array, strides: tuple[int, int],
+           padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """`conv2d_plain` whose input gradient uses `flipped` (= flip_for_input_gradient(kernel), made
+    once by the caller) instead of flipping the kernel inside every call. Gradient w.r.t. `flipped`:
+    zero (it stands for the kernel, whose gradient is the kernel's)."""
+    return conv2d_plain(x, kernel, strides, padding)
+
+
+def _conv2d_fwd(x, kernel, flipped, strides, padding):
+    return conv2d_plain(x, kernel, strides, padding), (x, kernel, flipped)
+
+
+def _conv2d_bwd(strides, padding, residuals, dy):
+    x, kernel, flipped = residuals
+    pads = tuple(_input_gradient_padding(x.shape[1 + i], dy.shape[1 + i], kernel.shape[i], strides[i],
+                                         padding[i]) for i in range(2))
+    dx = jax.lax.conv_general_dilated(dy, flipped, (1, 1), pads, lhs_dilation=strides,
+                                      dimension_numbers=_NHWC)
+    _, kernel_vjp = jax.vjp(lambda k: conv2d_plain(x, k, strides, padding), kernel)
+    return dx.astype(x.dtype), kernel_vjp(dy)[0], jnp.zeros_like(flipped)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -77,14 +77,63 @@ def layer_norm(x: jax.Array, name: str, eps: float = 1e-5) -> jax.Array:
     return LayerNorm(eps, name=name)(x.astype(jnp.float32)).astype(x.dtype)
 
 
+# The Flax collection that may hold, for every convolution, its kernel already flipped for the input
+# gradient (custom_grads.flip_for_input_gradient). Made once for a frozen decoder by
+# `input_gradient_kernels`; when present, `Conv` uses it instead of flipping the kernel in every call.
+INPUT_GRAD_KERNELS = "input_grad_kernels"
+
+
+class Conv(nn.Module):
+    """flax's `nn.Conv` (params `kernel` [k, k, in, out] and `bias`, the same initialisers and
+    values) whose input gradient reads the pre-flipped kernel of the `input_grad_kernels` collection
+    when the caller passes one."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        strides = (self.strides, self.strides)
+        if self.has_variable(INPUT_GRAD_KERNELS, "kernel"):
+            flipped = self.get_variable(INPUT_GRAD_KERNELS, "kernel").astype(kernel.dtype)
+            y = custom_grads.conv2d(x, kernel, flipped, strides, self.padding)
+        else:
+            y = custom_grads.conv2d_plain(x, kernel, strides, self.padding)
+        return y + bias.reshape(1, 1, 1, -1)
+
+
+def input_gradient_kernels(params: Any) -> dict[str, Any]:
+    """The `input_grad_kernels` collection for a (frozen) param tree: every 4-D `kernel` flipped once.
+
+    Pass it beside the params, `apply({"params": p, INPUT_GRAD_KERNELS: input_gradient_kernels(p)},
+    ...)`: the same values, and a gradient through the model that skips one kernel copy per
+    convolution per call. It costs a second copy of the convolution kernels in memory."""
+    out = {}
+    for name, value in params.items():
+        if hasattr(value, "items"):
+            sub = input_gradient_kernels(value)
+            if sub:
+                out[name] = sub
+        elif name == "kernel" and getattr(value, "ndim", 0) == 4:
+            out[name] = custom_grads.flip_for_input_gradient(value)
+    return out
+
+
 def conv(features: int, kernel: int, dtype: Dtype, *, stride: int = 1, padding: Any = None,
-         name: str | None = None) -> nn.Conv:
+         name: str | None = None) -> Conv:
     """A torch-style Conv2d: symmetric padding (kernel - 1) // 2 unless given explicitly."""
     if padding is None:
         p = (kernel - 1) // 2
         padding = ((p, p), (p, p))
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+    return Conv(features, kernel, stride, tuple(map(tuple, padding)), dtype=dtype, name=name)
 
 
 def dense(features: int, dtype: Dtype, *, use_bias: bool = True, name: str | None = None) -> nn.Dense:

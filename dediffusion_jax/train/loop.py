@@ -87,8 +87,12 @@ class Parts:
 
     def frozen_params(self) -> dict[str, Any]:
         """{"decoder": ..., "backbone"?: ...}: the frozen backbone is the pretrained one, or (random
-        frozen-backbone ablation) the init's backbone from key(config.seed), as inference rebuilds it."""
-        return {"decoder": self.decoder.params,
+        frozen-backbone ablation) the init's backbone from key(config.seed), as inference rebuilds it.
+        The decoder's tree gets the UNet's flipped convolution kernels when config.decoder.flip_conv_kernels
+        asks for them (on CPU by default)."""
+        decoder = {**self.decoder.params,
+                   **model_build.frozen_unet_input_grad_kernels(self.config, self.decoder.params["unet"])}
+        return {"decoder": decoder,
                 **model_build.frozen_backbone(self.config, self.init_params, self.pretrained_backbone)}
 
 

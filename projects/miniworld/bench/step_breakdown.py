@@ -84,15 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     states = states_fn(state.params, batch["backbone"])
     unet = model.decoder.unet
     unet_params = frozen["decoder"]["unet"]
+    unet_variables = model.unet_variables(frozen)  # as the step passes them (flipped kernels on CPU)
     b = batch["decoder"].shape[0]
     t = jnp.full((b,), 900, jnp.int32)
     x_t = schedules.add_noise(model.decoder.schedule, batch["decoder"], jnp.zeros_like(batch["decoder"]), t)
-    fwd = jax.jit(lambda s: unet.apply({"params": unet_params}, x_t, t, s))
+    fwd = jax.jit(lambda s: unet.apply(unet_variables, x_t, t, s))
     cost = fwd.lower(states).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     unet_gflop = float((cost or {}).get("flops", 0.0)) / 1e9
     results["UNet forward"] = median_seconds(lambda: fwd(states), args.iters)
-    bwd = jax.jit(jax.grad(lambda s: jnp.mean(jnp.square(unet.apply({"params": unet_params}, x_t, t, s)))))
+    bwd = jax.jit(jax.grad(lambda s: jnp.mean(jnp.square(unet.apply(unet_variables, x_t, t, s)))))
     results["UNet forward + backward to text states"] = median_seconds(lambda: bwd(states), args.iters)
 
     print(f"batch {b}, {jax.device_count()} device(s) {jax.devices()[0].platform}; median of {args.iters}:")
