@@ -6,8 +6,9 @@
 Times the two things the De-Diffusion step asks of its frozen UNet: the forward, and the forward +
 gradient with respect to the text states (the encoder's signal; no weight gradients). Both sides are
 float32, torch with SDPA attention at `--torch-threads`; each figure is the median of `--repeats`
-calls after one warm-up (our compile is reported apart), ours and torch's calls alternating so that
-a slow spell of a shared machine hits both sides alike. The outputs are compared as a parity check.
+calls (our compile is reported apart), taken in blocks of three that alternate between ours and
+torch's, each block after one untimed call, so that a slow spell of a shared machine hits both
+sides alike and neither pays for memory the other just freed. The outputs are compared as a parity check.
 Our gradient gets the convolution kernels flipped once beside the params, as the train step does on
 CPU (config `decoder.flip_conv_kernels`, t2i/custom_grads.py).
 Run it as `make` runs everything, with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (bench/README.md, "Huge
@@ -78,15 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _alternating_medians_ms(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """Median milliseconds of each, after one warm-up each, their calls alternating."""
-    ours(), theirs()
+BLOCK_CALLS = 3
+
+
+def _alternating_medians_ms(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int,
+                            block: int = BLOCK_CALLS) -> tuple[float, float]:
+    """Median milliseconds of each over `repeats` timed calls, taken in blocks of up to `block`
+    calls that alternate between the two sides; each block starts with one untimed call.
+
+    Why blocks and not single calls: on this VM a call right after the other side's pays for
+    memory the other side freed (the host reclaims freed pages; faulting them back in cost our
+    SD2-shaped gradient 0.5-1.5 s of system time, bench/README.md, "Timing in blocks"), which a
+    training loop, calling the same program back to back, never pays. Alternating blocks still
+    lets a slow spell of a shared machine hit both sides."""
     times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
+    while len(times[0]) < repeats:
+        calls = min(block, repeats - len(times[0]))
         for fn, out in zip((ours, theirs), times):
-            start = time.perf_counter()
             fn()
-            out.append(time.perf_counter() - start)
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
 
 
@@ -173,7 +187,7 @@ def measure(preset: str, batch: int, repeats: int, devices: int = 1) -> dict[str
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     head = (f"CPU, {env['cores']} cores, torch threads {env['torch_threads']}, jax {env['jax']}, torch {env['torch']}, "
             f"{env['date']}; our attention {env['attention']}; GLIBC_TUNABLES {env['glibc_tunables']!r}; "
-            f"median of {env['repeats']} alternating calls\n\n"
+            f"median of {env['repeats']} calls in alternating blocks of {BLOCK_CALLS}\n\n"
             "| preset | batch | our devices | params (M) | forward ours / torch ms "
             "| ratio | forward + text gradient ours / torch ms | ratio | outputs max diff |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head] + [f"| {r['preset']} | {r['batch']} | {r['devices']} | {r['params_m']} | {r['ours_forward_ms']} / {r['torch_forward_ms']} "

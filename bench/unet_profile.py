@@ -116,6 +116,7 @@ def profile(preset: str, mode: str, batch: int, calls: int) -> dict[str, Any]:
     import numpy as np
 
     from bench.unet_cpu import PRESETS
+    from dediffusion_jax.t2i import nn_blocks
     from dediffusion_jax.t2i.unet import UNet2DConditionModel, UNetConfig, dummy_inputs
 
     spec = PRESETS[preset]
@@ -129,14 +130,18 @@ def profile(preset: str, mode: str, batch: int, calls: int) -> dict[str, Any]:
     t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
     c = jnp.asarray(rng.standard_normal((batch, spec["tokens"], config.cross_attention_dim)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((batch, size, size, config.out_channels)), jnp.float32)
+    # The weights are arguments, as in the train step, and the gradient gets the convolution kernels
+    # flipped once beside them, as the train step does on CPU (config decoder.flip_conv_kernels).
+    variables = {"params": params}
     if mode == "forward":
-        fn = jax.jit(lambda c: model.apply({"params": params}, x, t, c))
+        fn = jax.jit(lambda c, v: model.apply(v, x, t, c))
     else:
-        fn = jax.jit(jax.grad(lambda c: (model.apply({"params": params}, x, t, c) * w).sum()))
-    jax.block_until_ready(fn(c))  # compile and warm up
-    hlo_text = fn.lower(c).compile().as_text()
+        variables[nn_blocks.INPUT_GRAD_KERNELS] = nn_blocks.input_gradient_kernels(params)
+        fn = jax.jit(jax.grad(lambda c, v: (model.apply(v, x, t, c) * w).sum()))
+    jax.block_until_ready(fn(c, variables))  # compile and warm up
+    hlo_text = fn.lower(c, variables).compile().as_text()
     return {"preset": preset, "mode": mode, "batch": batch, "calls": calls,
-            **attribute(trace_durations(fn, (c,), calls), hlo_text, calls)}
+            **attribute(trace_durations(fn, (c, variables), calls), hlo_text, calls)}
 
 
 def markdown(result: dict[str, Any], top: int) -> str:

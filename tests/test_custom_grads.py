@@ -149,3 +149,28 @@ def test_conv_with_a_pre_flipped_kernel_on_a_batch_sharded_mesh_equals_one_devic
     sharded = jax.jit(grad, in_shardings=(batch, replicated, replicated), out_shardings=batch)
     assert "all-gather" not in sharded.lower(x, kernel, flipped).compile().as_text()
     np.testing.assert_allclose(sharded(x, kernel, flipped), jax.jit(grad)(x, kernel, flipped), atol=1e-5, rtol=1e-5)
+
+
+def test_the_unets_conv_module_is_flaxs_conv_with_the_same_params_and_values():
+    """nn_blocks.Conv replaced nn.Conv in the UNet: the same param tree, initial values and outputs
+    (so converted checkpoints and seeded inits are unchanged); with the flipped kernels given, the
+    same outputs and input gradient."""
+    import flax.linen as nn
+
+    from dediffusion_jax.t2i import nn_blocks
+
+    x = jax.random.normal(jax.random.key(4), (2, 9, 9, 8))
+    pad = ((0, 1), (0, 1))
+    ours = nn_blocks.Conv(16, 3, 2, pad)
+    flax_conv = nn.Conv(16, (3, 3), strides=(2, 2), padding=pad)
+    params = ours.init(jax.random.key(5), x)
+    reference = flax_conv.init(jax.random.key(5), x)
+    assert jax.tree.structure(params) == jax.tree.structure(reference)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
+    np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), atol=1e-6)
+    flipped = {**params, nn_blocks.INPUT_GRAD_KERNELS: nn_blocks.input_gradient_kernels(params["params"])}
+    assert flipped[nn_blocks.INPUT_GRAD_KERNELS]["kernel"].shape == (3, 3, 16, 8)
+    grad = lambda variables: jax.grad(lambda x: jnp.sin(ours.apply(variables, x)).sum())(x)  # noqa: E731
+    np.testing.assert_allclose(grad(flipped), grad(params), atol=1e-6)

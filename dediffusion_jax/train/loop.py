@@ -48,8 +48,9 @@ DEVICE_KEYS = ("backbone", "decoder", "latent_mean", "latent_logvar")
 # location: its weights hash is checked separately). Anything else needs resume.allow_changes.
 FREE_ON_RESUME = ("log", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save", "evals",
                   "resume", "mesh", "decoder.path", "data.read_threads",
-                  # the fused vocabulary head's chunking: memory and speed, the same values
-                  "quantizer.rows_per_chunk", "quantizer.chunk_budget_mb")
+                  # the fused vocabulary head's chunking and the UNet's pre-flipped kernels: memory
+                  # and speed, the same values
+                  "quantizer.rows_per_chunk", "quantizer.chunk_budget_mb", "decoder.flip_conv_kernels")
 
 
 @dataclasses.dataclass
