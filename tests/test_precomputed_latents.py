@@ -19,6 +19,7 @@ from PIL import Image
 
 from dediffusion_jax import encode_latents as encode_lib
 from dediffusion_jax.data import latents as latents_lib
+from dediffusion_jax.models.dediffusion import UNET_INPUT_GRAD_KERNELS
 from dediffusion_jax.parallel.mesh import make_mesh
 from dediffusion_jax.t2i import folder
 from dediffusion_jax.train import cli, loop
@@ -131,7 +132,9 @@ def test_the_latent_run_keeps_the_vae_out_of_the_step(encoded, decoder_dir, deco
     task = loop.de_diffusion_task(config, decoder, iter(()), make_mesh({"data": -1}), tmp_path)
     assert set(task.example_batch) == {"backbone", "latent_mean", "latent_logvar"}
     assert task.example_batch["latent_mean"].shape == (8, 8, 8, 4)
-    assert set(task.frozen["decoder"]) == {"text_encoder", "unet"}
+    # The VAE stays off the devices; beside the text encoder and UNet, only the UNet's kernels flipped
+    # for its input gradient (config decoder.flip_conv_kernels, on by default on CPU).
+    assert set(task.frozen["decoder"]) == {"text_encoder", "unet", UNET_INPUT_GRAD_KERNELS}
 
 
 def test_the_sharded_encode_equals_the_one_device_encode(decoder_dir, decoder, images_dir, tmp_path):
