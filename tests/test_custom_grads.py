@@ -174,3 +174,19 @@ def test_the_unets_conv_module_is_flaxs_conv_with_the_same_params_and_values():
     assert flipped[nn_blocks.INPUT_GRAD_KERNELS]["kernel"].shape == (3, 3, 16, 8)
     grad = lambda variables: jax.grad(lambda x: jnp.sin(ours.apply(variables, x)).sum())(x)  # noqa: E731
     np.testing.assert_allclose(grad(flipped), grad(params), atol=1e-6)
+
+
+def test_a_rematerialised_unet_reads_the_flipped_kernels_too():
+    """configs/paper.py sets remat: nn.remat must hand the collection to the blocks it wraps, or the
+    flipped kernels would be ignored (the same numbers, only slower). Same text gradient, no `reverse`."""
+    from bench.unet_cpu import random_unet
+    from dediffusion_jax.t2i import nn_blocks
+    from dediffusion_jax.t2i.unet import UNet2DConditionModel
+
+    config, _, params, (sample, steps, text, weight) = random_unet("tiny", 2)
+    model = UNet2DConditionModel(config, remat=True)
+    flipped = {"params": params, nn_blocks.INPUT_GRAD_KERNELS: nn_blocks.input_gradient_kernels(params)}
+    grad = jax.jit(jax.grad(lambda c, v: (model.apply(v, sample, steps, c) * weight).sum()))
+    np.testing.assert_allclose(grad(text, flipped), grad(text, {"params": params}), atol=1e-6, rtol=1e-5)
+    assert " reverse(" in grad.lower(text, {"params": params}).compile().as_text()
+    assert " reverse(" not in grad.lower(text, flipped).compile().as_text()
