@@ -9,6 +9,18 @@ PYTEST_ARGS ?=
 # SD2-shaped UNet's forward + text gradient 8% faster on the 2-core machine (bench/README.md, "Huge
 # pages"). Read at process start, so it is set here for every target; an existing setting wins.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# That buffer is still mapped and zeroed by the kernel afresh on every call: glibc serves blocks over
+# 64 MB asked for by a thread other than the main one with mmap, whatever its tunables say, and unmaps
+# them on free. gperftools' tcmalloc keeps them for the next call (16% of the CPU time went to the
+# kernel's page clearing; bench/README.md, "The allocator"), so every target preloads it where it is
+# installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`). `make TCMALLOC= ...` runs without.
+TCMALLOC ?= $(firstword $(wildcard $(foreach d,/usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu \
+              /usr/lib64 /usr/lib /usr/local/lib,$(d)/libtcmalloc_minimal.so.4)))
+ifneq ($(strip $(TCMALLOC)),)
+export LD_PRELOAD := $(strip $(TCMALLOC) $(LD_PRELOAD))
+# tcmalloc reports every allocation above 1 GB on stderr; a CPU step at real scale makes several.
+export TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD ?= 68719476736
+endif
 
 .PHONY: install demo ablations ablations-reduced test test-slow test-all clean
 

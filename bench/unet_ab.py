@@ -3,6 +3,7 @@
     python -m bench.unet_ab --preset sd2-small --variants default,xla:xla_cpu_enable_fast_math=true
     python -m bench.unet_ab --preset sd2-small --variants default,loop-above:2097152,attention:plain
     python -m bench.unet_ab --preset sd2-small --variants default --rusage   # page faults, CPU time
+    python -m bench.unet_ab --preset sd2-small --variants flipped-kernels --gradient-only --rusage
 
 Why one process, interleaved: on the shared 2-core machine the same command's time moved by a
 quarter within one session (bench/README.md, "What did not close the SD2-shaped gap"), so a before
@@ -23,6 +24,8 @@ Reports, per variant, the median forward and forward + text-gradient times, and 
 difference of its outputs and gradients from the first variant's, and the number of loops in its
 compiled gradient program (the CPU attention loop's forward and backward among them). With `--rusage`: the minor page
 faults and the user and system CPU time per gradient call (`getrusage`, all threads of the process).
+`--gradient-only` skips the forward calls, so the gradient runs back to back as in a training loop
+(a forward between two gradients frees and maps different buffers; bench/README.md, "The allocator").
 Ours runs data parallel over `--devices` CPU devices, as in `bench.unet_cpu`.
 """
 
@@ -60,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=int, default=3, help="calls of each program per variant and round")
     p.add_argument("--devices", type=int, default=0, help="CPU devices (0: the number of cores)")
     p.add_argument("--rusage", action="store_true", help="page faults and CPU time per gradient call")
+    p.add_argument("--gradient-only", action="store_true",
+                   help="time only the gradient calls, back to back (the forward column reads -)")
     p.add_argument("--out", help="write unet_ab.json and unet_ab.md here")
     return p
 
@@ -113,7 +118,7 @@ def applied(variant: str) -> Iterator[dict[str, Any]]:
 
 
 def measure(preset: str, variants: list[str], batch: int, rounds: int, calls: int, devices: int,
-            rusage: bool) -> list[dict[str, Any]]:
+            rusage: bool, gradient_only: bool = False) -> list[dict[str, Any]]:
     """One summary row per variant: median times, the difference from the first, loops, CPU use."""
     import jax
     import numpy as np
@@ -163,7 +168,7 @@ def measure(preset: str, variants: list[str], batch: int, rounds: int, calls: in
         for variant, (fwd, grad) in programs.items():
             row = rows[variant]
             fwd_args, grad_args = arguments(variant)
-            for _ in range(calls):
+            for _ in range(0 if gradient_only else calls):
                 start = time.perf_counter()
                 jax.block_until_ready(fwd(*fwd_args))
                 row["forward_ms"].append(1e3 * (time.perf_counter() - start))
@@ -179,7 +184,7 @@ def measure(preset: str, variants: list[str], batch: int, rounds: int, calls: in
     for row in rows.values():
         n = len(row["text_grad_ms"])
         summary = {"preset": preset, "batch": batch, "devices": mesh.size, "variant": row["variant"],
-                   "forward_ms": round(statistics.median(row["forward_ms"]), 1),
+                   "forward_ms": round(statistics.median(row["forward_ms"]), 1) if row["forward_ms"] else "-",
                    "text_grad_ms": round(statistics.median(row["text_grad_ms"]), 1),
                    "max_abs_diff": row["max_abs_diff"], "loops_in_gradient": loops[row["variant"]]}
         if rusage:
@@ -193,7 +198,8 @@ def measure(preset: str, variants: list[str], batch: int, rounds: int, calls: in
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     extra = "minor_faults_per_call" in rows[0]
     head = (f"{env['date']}, {env['cores']} cores, jax {env['jax']}, {env['rounds']} rounds x {env['calls']} calls, "
-            f"load average {env['load_average']}, GLIBC_TUNABLES {env['glibc_tunables']!r}\n\n"
+            f"load average {env['load_average']}, GLIBC_TUNABLES {env['glibc_tunables']!r}, "
+            f"LD_PRELOAD {env['ld_preload']!r}\n\n"
             "| preset | batch | devices | variant | forward ms | forward + text gradient ms | max diff vs first | loops |"
             + (" minor faults / call | user ms / call | system ms / call |" if extra else "") + "\n"
             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if extra else "") + "\n")
@@ -205,7 +211,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.unet_cpu import PRESETS, report
+    from bench.unet_cpu import PRESETS, allocator_settings, report
 
     args = build_parser().parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -229,11 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     devices = min(cpu_devices.split_cpu(args.devices), jax.device_count())
     env = {"cores": os.cpu_count(), "jax": jax.__version__, "rounds": args.rounds, "calls": args.calls,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "load_average": [round(v, 1) for v in os.getloadavg()],
-           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+           "load_average": [round(v, 1) for v in os.getloadavg()], **allocator_settings()}
     try:
         rows = measure(args.preset, variants, args.batch or PRESETS[args.preset]["batch"], args.rounds,
-                       args.calls, devices, args.rusage)
+                       args.calls, devices, args.rusage, args.gradient_only)
     except Exception as e:  # an XLA option this jaxlib does not have, for one
         if "compile option" not in str(e):
             raise

@@ -11,8 +11,9 @@ torch's, each block after one untimed call, so that a slow spell of a shared mac
 sides alike and neither pays for memory the other just freed. The outputs are compared as a parity check.
 Our gradient gets the convolution kernels flipped once beside the params, as the train step does on
 CPU (config `decoder.flip_conv_kernels`, t2i/custom_grads.py).
-Run it as `make` runs everything, with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (bench/README.md, "Huge
-pages"); the setting in force is recorded with the figures.
+Run it as `make` runs everything: with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` and, where installed,
+tcmalloc preloaded (`LD_PRELOAD`; bench/README.md, "Huge pages" and "The allocator"). Both sides run in
+one process, so both get the allocator; the settings in force are recorded with the figures.
 `DEDIFFUSION_ATTENTION=plain` times our attention without the CPU loop (t2i/attention.py).
 
 Ours runs data parallel over `--devices` CPU devices (default: one per core, `cpu_devices.split_cpu`),
@@ -63,6 +64,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
         "attention_head_dim": 2, "cross_attention_dim": 32, "norm_num_groups": 8}},
 }
+
+
+def allocator_settings() -> dict[str, str]:
+    """The process's allocator settings (read at its start), recorded beside every timing."""
+    return {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "ld_preload": os.environ.get("LD_PRELOAD", "")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +193,7 @@ def measure(preset: str, batch: int, repeats: int, devices: int = 1) -> dict[str
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     head = (f"CPU, {env['cores']} cores, torch threads {env['torch_threads']}, jax {env['jax']}, torch {env['torch']}, "
             f"{env['date']}; our attention {env['attention']}; GLIBC_TUNABLES {env['glibc_tunables']!r}; "
+            f"LD_PRELOAD {env['ld_preload']!r}; "
             f"median of {env['repeats']} calls in alternating blocks of {BLOCK_CALLS}\n\n"
             "| preset | batch | our devices | params (M) | forward ours / torch ms "
             "| ratio | forward + text gradient ours / torch ms | ratio | outputs max diff |\n|---|---|---|---|---|---|---|---|---|")
@@ -214,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"cores": os.cpu_count(), "torch_threads": threads, "jax": jax.__version__,
            "torch": torch.__version__.split("+")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "repeats": args.repeats, "load_average": [round(x, 1) for x in os.getloadavg()],
-           "attention": os.environ.get("DEDIFFUSION_ATTENTION", "auto"),
-           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+           "attention": os.environ.get("DEDIFFUSION_ATTENTION", "auto"), **allocator_settings()}
     rows = []
     for preset in presets:
         rows.append(measure(preset, args.batch or PRESETS[preset]["batch"], args.repeats, devices))

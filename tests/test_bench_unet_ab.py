@@ -27,6 +27,15 @@ def test_variants_time_in_turn_and_compute_the_same_unet(tmp_path):
     assert "| tiny | 16 | 8 | `attention:plain` |" in (tmp_path / "unet_ab.md").read_text()
 
 
+def test_gradient_only_times_the_gradient_back_to_back_and_records_the_allocator(tmp_path, monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "")
+    assert unet_ab.main(["--preset", "tiny", "--variants", "flipped-kernels", "--rounds", "1", "--calls", "2",
+                         "--gradient-only", "--rusage", "--out", str(tmp_path)]) == 0
+    row, = json.loads((tmp_path / "unet_ab.json").read_text())["rows"]
+    assert row["forward_ms"] == "-" and row["text_grad_ms"] > 0 and row["user_ms_per_call"] > 0
+    assert "LD_PRELOAD ''" in (tmp_path / "unet_ab.md").read_text()
+
+
 def test_a_variant_changes_the_attention_only_while_it_is_traced(monkeypatch):
     monkeypatch.delenv("DEDIFFUSION_ATTENTION", raising=False)
     before = attention.LOOP_ABOVE_BYTES
